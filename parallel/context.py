@@ -188,6 +188,5 @@ def _default_init_method(world_size: int) -> str:
         os.remove(path)
         return f"file://{path}"
     raise RuntimeError(
-        f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; "
-        "launch with `seqmoe launch` or torchrun"
+        f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with `seqmoe launch` or torchrun"
     )

@@ -16,6 +16,7 @@ that others never issue) makes it raise ``TimeoutError`` naming the ranks that n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
 import queue
@@ -111,8 +112,9 @@ class RankPool:
                 errors = _format_errors(outputs)
                 self.close()
                 if dead:
-                    raise RankFailure(f"{what}: rank(s) {dead} died (exit codes "
-                                      f"{[self._procs[r].exitcode for r in dead]}){errors}")
+                    raise RankFailure(
+                        f"{what}: rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]}){errors}"
+                    )
                 raise TimeoutError(
                     f"{what}: rank(s) {missing} did not finish within {timeout_s:.0f}s "
                     f"(deadlock: a collective that other ranks never issued?){errors}"
@@ -135,10 +137,8 @@ class RankPool:
     def close(self) -> None:
         for proc, task_queue in zip(self._procs, self._tasks):
             if proc.is_alive():
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     task_queue.put(None)
-                except (OSError, ValueError):
-                    pass
         for proc in self._procs:
             proc.join(timeout=5)
             if proc.is_alive():
@@ -149,7 +149,9 @@ class RankPool:
 
 def _format_errors(outputs: dict[int, tuple[str, bytes]]) -> str:
     return "".join(
-        f"\n--- rank {rank} ---\n{data.decode()}" for rank, (status, data) in sorted(outputs.items()) if status == "error"
+        f"\n--- rank {rank} ---\n{data.decode()}"
+        for rank, (status, data) in sorted(outputs.items())
+        if status == "error"
     )
 
 
