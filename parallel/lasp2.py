@@ -1,0 +1,442 @@
+"""LASP-2: sequence-parallel linear attention with one all-gather of fixed-size states per layer.
+
+Notation (parallel/README.md has the full derivation): W ranks of an SP group, rank t holds
+tokens [tT, (t+1)T) of the packed sequence. Per rank, from its own tokens only:
+  E_t   state of its last document span, decayed to the rank's end       [B, H, dk, dv]
+  F_t   state of its first document span, decayed to the rank's start    (bidirectional only)
+  g_t   total log-decay over the rank, Gamma_t = exp(g_t)                 [B, H]
+and, from the global cu_seqlens (identical on every rank): c_u = rank u's first token continues
+a document from rank u-1; s_u = no document starts strictly inside rank u.
+
+Forward: all-gather (E, F, g) once, then every rank scans locally, in fp32:
+  S(u+1) = c_{u+1} (E_u + s_u Gamma_u S(u)),   S(0) = 0       (state entering rank u+1 from the left)
+  R(u-1) = c_u (F_u + s_u Gamma_u R(u)),       R(W-1) = 0     (state entering rank u-1 from the right)
+  o_t = o_intra + exp(b) (q . S(t)) [first span] + exp(b') (q . R(t)) [last span, bidirectional]
+where b (b') is the cumulative log-decay from the rank's start (to its end, exclusive).
+
+Backward: dM_t = dL/dS(t) = (q exp(b))^T dO and dN_t = dL/dR(t) are all-gathered once, then
+  H(u) = dM_u + c_{u+1} s_u Gamma_u H(u+1)      dL/dE_t = c_{t+1} H(t+1)
+  J(u) = dN_u + c_u s_u Gamma_u J(u-1)          dL/dF_t = c_t J(t-1)
+  dL/dGamma_t = c_{t+1} s_t <S(t), H(t+1)> + c_t s_t <R(t), J(t-1)>   (the decay's boundary term)
+and autograd over the rank-local pieces turns these into dq, dk, dv, d(log_decay).
+
+Communication per rank and layer: (W-1) * B*H*dk*dv elements sent and received in forward and
+the same in backward (twice that for bidirectional attention with decay or documents, plus
+B*H values of g per rank for per-token decay), plus an 8-byte fingerprint per rank in forward
+that checks that every rank was given the same cu_seqlens. Independent of the sequence length.
+
+The phases are plain functions so that tests can run W ranks in one process (fp64) through the
+same code, with the all-gather simulated by a stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from parallel import comm
+from parallel.comm import Group
+from parallel.linear_attention import (
+    chunk_linear_attention,
+    first_segment_decay,
+    last_segment_state,
+    validate_linear_attention_inputs,
+)
+
+__all__ = ["RankSpans", "lasp2_attention", "rank_spans"]
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Where documents and rank cuts fall.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankSpans:
+    """What every rank of an SP group knows about rank cuts and documents."""
+
+    num_ranks: int
+    rank: int
+    local_len: int
+    continues: tuple[bool, ...]
+    """continues[u]: rank u's first token continues a document that began on an earlier rank."""
+    single: tuple[bool, ...]
+    """single[u]: no document starts strictly inside rank u (its span is one document piece)."""
+    local_cu_seqlens: Tensor | None
+    """This rank's document boundaries [0, ..., T], or None when it holds one document piece."""
+    fingerprint: int
+    """A hash of everything above that must agree across ranks (checked in the all-gather)."""
+
+
+def rank_spans(cu_seqlens: Tensor | None, *, num_ranks: int, rank: int, local_len: int, device=None) -> RankSpans:
+    """Derive this rank's view of the packed sequence from the global ``cu_seqlens``."""
+    total = num_ranks * local_len
+    if cu_seqlens is None:
+        bounds = [0, total]
+    else:
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at the packed length W*T = {num_ranks}*{local_len} = {total} "
+                f"(it describes the whole sequence, identical on every rank); got {bounds[:4]}...{bounds[-2:]}"
+            )
+        if any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError("cu_seqlens must be strictly increasing (no empty documents)")
+    starts = set(bounds[:-1])
+    continues = tuple(u > 0 and u * local_len not in starts for u in range(num_ranks))
+    single = tuple(not any(u * local_len < b < (u + 1) * local_len for b in bounds[1:-1]) for u in range(num_ranks))
+    start, end = rank * local_len, (rank + 1) * local_len
+    inner = [b - start for b in bounds if start < b < end]
+    local_cu = None if not inner else torch.tensor([0, *inner, local_len], dtype=torch.int64, device=device)
+    fingerprint = hash((num_ranks, local_len, tuple(bounds))) & 0x7FFF_FFFF_FFFF_FFFF
+    return RankSpans(num_ranks, rank, local_len, continues, single, local_cu, fingerprint)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank-local pieces (differentiable; no communication).
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _decay_BTH(log_decay: Tensor | None, B: int, T: int, H: int, dtype, device) -> Tensor:
+    if log_decay is None:
+        return torch.zeros(B, T, H, dtype=dtype, device=device)
+    a = log_decay.to(dtype)
+    return a.view(1, 1, H).expand(B, T, H) if a.dim() == 1 else a
+
+
+def _last_span_suffix_decay(a_BTH: Tensor, local_cu: Tensor | None) -> Tensor:
+    """b'_i = sum_{m > i} a_m for tokens of the last span (-inf elsewhere): the weight of a state
+    entering from the right is exp(b'_i). Accumulated from the end, so precise near it."""
+    B, T, H = a_BTH.shape
+    suffix_BTH = a_BTH.flip(1).cumsum(1).flip(1)
+    excl_BTH = torch.cat([suffix_BTH[:, 1:], a_BTH.new_zeros(B, min(T, 1), H)], dim=1)
+    if local_cu is None:
+        return excl_BTH
+    in_last_T = torch.arange(T, device=a_BTH.device) >= int(local_cu[-2])
+    return torch.where(in_last_T[None, :, None], excl_BTH, _NEG_INF)
+
+
+def _first_span_state(k: Tensor, v: Tensor, log_decay: Tensor | None, local_cu: Tensor | None) -> Tensor:
+    """F = sum_{j in first span} exp(b_j) k_j^T v_j with b the inclusive log-decay from the rank's start."""
+    B, T, H, _ = k.shape
+    cdt = _compute_dtype(k.dtype)
+    b_BTH = first_segment_decay(log_decay, local_cu, B, T, H, dtype=cdt, device=k.device)
+    return torch.einsum("bthk,bthv->bhkv", k.to(cdt) * b_BTH.exp()[..., None], v.to(cdt))
+
+
+def _first_span_state_is_last(log_decay: Tensor | None, spans: RankSpans) -> bool:
+    """True when F == E on every rank: no decay and no document boundary anywhere. A global
+    decision, so that every rank packs the same payload."""
+    has_documents = not all(spans.single) or not all(spans.continues[1:])
+    return log_decay is None and not has_documents
+
+
+def local_states(k, v, log_decay, spans: RankSpans, causal: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(E_t, F_t, g_t): this rank's contribution to the scans, in the compute dtype.
+
+    F is None for causal attention and the very tensor E when they coincide (bidirectional, no
+    decay, no documents): autograd then sums the gradients that reach E through both roles."""
+    B, T, H, _ = k.shape
+    E_BHKV, _ = last_segment_state(k, v, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens)
+    if causal:
+        F_BHKV = None
+    elif _first_span_state_is_last(log_decay, spans):
+        F_BHKV = E_BHKV
+    else:
+        F_BHKV = _first_span_state(k, v, log_decay, spans.local_cu_seqlens)
+    g_BH = _decay_BTH(log_decay, B, T, H, E_BHKV.dtype, k.device).sum(1)
+    return E_BHKV, F_BHKV, g_BH
+
+
+def local_output(q, k, v, log_decay, S_in, R_in, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
+    """o_t from local tokens plus the incoming states (S_in from the left, R_in from the right)."""
+    o, _ = chunk_linear_attention(
+        q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+    )
+    return o + _inter_output(q, log_decay, S_in, R_in, spans).to(o.dtype)
+
+
+def _inter_output(q, log_decay, S_in, R_in, spans: RankSpans) -> Tensor:
+    B, T, H, _ = q.shape
+    cdt = S_in.dtype
+    qc = q.to(cdt)
+    b_BTH = first_segment_decay(log_decay, spans.local_cu_seqlens, B, T, H, dtype=cdt, device=q.device)
+    out = torch.einsum("bthk,bhkv->bthv", qc * b_BTH.exp()[..., None], S_in)
+    if R_in is not None:
+        a_BTH = _decay_BTH(log_decay, B, T, H, cdt, q.device)
+        b_BTH = _last_span_suffix_decay(a_BTH, spans.local_cu_seqlens)
+        out = out + torch.einsum("bthk,bhkv->bthv", qc * b_BTH.exp()[..., None], R_in)
+    return out
+
+
+def output_state_grads(q, log_decay, do, spans: RankSpans, causal: bool) -> tuple[Tensor, Tensor | None]:
+    """(dM_t, dN_t): the gradients of the loss w.r.t. S(t) and R(t) through this rank's output."""
+    B, T, H, _ = q.shape
+    cdt = _compute_dtype(q.dtype)
+    qc, doc = q.to(cdt), do.to(cdt)
+    b_BTH = first_segment_decay(log_decay, spans.local_cu_seqlens, B, T, H, dtype=cdt, device=q.device)
+    dM_BHKV = torch.einsum("bthk,bthv->bhkv", qc * b_BTH.exp()[..., None], doc)
+    if causal:
+        return dM_BHKV, None
+    a_BTH = _decay_BTH(log_decay, B, T, H, cdt, q.device)
+    b_BTH = _last_span_suffix_decay(a_BTH, spans.local_cu_seqlens)
+    return dM_BHKV, torch.einsum("bthk,bthv->bhkv", qc * b_BTH.exp()[..., None], doc)
+
+
+# --------------------------------------------------------------------------------------------
+# Scans over all ranks' gathered pieces (every rank runs them for itself, in fp32 or fp64).
+# --------------------------------------------------------------------------------------------
+
+
+def scan_states(E_W, F_W, gamma_W, spans: RankSpans) -> tuple[Tensor, Tensor | None]:
+    """(S(t), R(t)) for this rank t from every rank's (E, F, Gamma); F_W None means causal.
+
+    E_W, F_W: [W, B, H, dk, dv]; gamma_W: [W, B, H]."""
+    t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
+    S = torch.zeros_like(E_W[0])
+    for u in range(t):
+        S = E_W[u] + gamma_W[u][..., None, None] * S if s[u] else E_W[u]
+        S = S if c[u + 1] else torch.zeros_like(S)
+    if F_W is None:
+        return S, None
+    R = torch.zeros_like(E_W[0])
+    for u in range(W - 1, t, -1):
+        R = F_W[u] + gamma_W[u][..., None, None] * R if s[u] else F_W[u]
+        R = R if c[u] else torch.zeros_like(R)
+    return S, R
+
+
+def scan_state_grads(dM_W, dN_W, gamma_W, spans: RankSpans) -> tuple[Tensor, Tensor | None]:
+    """(H(t+1), J(t-1)): the total gradients w.r.t. the state leaving this rank to the right and
+    to the left, from every rank's (dM, dN). dN_W None means causal."""
+    t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
+    H_next = torch.zeros_like(dM_W[0])
+    for u in range(W - 1, t, -1):
+        carried = c[u + 1] and s[u] if u + 1 < W else False
+        H_next = dM_W[u] + gamma_W[u][..., None, None] * H_next if carried else dM_W[u]
+    if dN_W is None:
+        return H_next, None
+    J_prev = torch.zeros_like(dM_W[0])
+    for u in range(t):
+        carried = c[u] and s[u] if u >= 1 else False
+        J_prev = dN_W[u] + gamma_W[u][..., None, None] * J_prev if carried else dN_W[u]
+    return H_next, J_prev
+
+
+def state_input_grads(S_in, R_in, H_next, J_prev, gamma_t, spans: RankSpans):
+    """(dL/dE_t, dL/dF_t or None, dL/dg_t) from the scanned gradients."""
+    t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
+    right = t + 1 < W and c[t + 1]
+    dE = H_next if right else torch.zeros_like(H_next)
+    dgamma = (S_in * H_next).sum((-2, -1)) if right and s[t] else torch.zeros_like(gamma_t)
+    dF = None
+    if J_prev is not None:
+        left = t >= 1 and c[t]
+        dF = J_prev if left else torch.zeros_like(J_prev)
+        if left and s[t]:
+            dgamma = dgamma + (R_in * J_prev).sum((-2, -1))
+    return dE, dF, dgamma * gamma_t
+
+
+# --------------------------------------------------------------------------------------------
+# Packing of the all-gathered payload: states, per-token decay totals, fingerprint.
+# --------------------------------------------------------------------------------------------
+
+
+def _fingerprint_tensor(spans: RankSpans, dtype: torch.dtype, device) -> Tensor:
+    # an int64 reinterpreted as float bits: the all-gather copies bytes, so it arrives intact
+    return torch.tensor([spans.fingerprint], dtype=torch.int64, device=device).view(dtype)
+
+
+def pack_states(E, F, g, per_token_decay: bool, spans: RankSpans) -> Tensor:
+    parts = [E.reshape(-1)]
+    if F is not None and F is not E:
+        parts.append(F.reshape(-1))
+    if per_token_decay:
+        parts.append(g.reshape(-1))
+    return torch.cat(parts + [_fingerprint_tensor(spans, E.dtype, E.device)])
+
+
+def unpack_states(
+    payload_W: Tensor, E: Tensor, F: Tensor | None, per_token_decay: bool, g_local: Tensor, spans: RankSpans
+):
+    """Split [W, n] gathered payloads into E_W, F_W, gamma_W (the layout of ``pack_states``),
+    and check that every rank was given the same documents."""
+    W, n_state = payload_W.shape[0], E.numel()
+    width = _fingerprint_tensor(spans, E.dtype, E.device).numel()
+    prints = payload_W[:, -width:].contiguous().view(torch.int64).reshape(W).tolist()
+    if len(set(prints)) != 1:
+        raise ValueError(
+            "LASP-2: ranks of one SP group were given different cu_seqlens (or local lengths): the "
+            "packed sequence's document boundaries must be identical on every rank of the group"
+        )
+    E_W = payload_W[:, :n_state].reshape(W, *E.shape)
+    offset = n_state
+    F_W = None if F is None else E_W
+    if F is not None and F is not E:
+        F_W = payload_W[:, offset : offset + n_state].reshape(W, *E.shape)
+        offset += n_state
+    if per_token_decay:
+        g_W = payload_W[:, offset : offset + g_local.numel()].reshape(W, *g_local.shape)
+    else:
+        # no decay or a fixed per-head one: every rank's total decay equals ours
+        g_W = g_local.detach().expand(W, *g_local.shape)
+    return E_W, F_W, g_W.exp()
+
+
+# --------------------------------------------------------------------------------------------
+# The autograd Function and the public function.
+# --------------------------------------------------------------------------------------------
+
+
+def _grads_through(outputs, grad_outputs, inputs):
+    """torch.autograd.grad over the pairs that exist; None for inputs that get no gradient."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None and o.requires_grad]
+    wanted = [x for x in inputs if x is not None and x.requires_grad]
+    if not pairs or not wanted:
+        return [None] * len(inputs)
+    grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+    by_id = {id(x): g for x, g in zip(wanted, grads)}
+    return [None if x is None else by_id.get(id(x)) for x in inputs]
+
+
+# The per-rank phases of one LASP-2 call. Between each *_pre and *_post, the payloads of all
+# ranks are all-gathered ([W, n]); tests run W ranks through these in one process.
+
+
+def forward_pre(k, v, log_decay, spans: RankSpans, causal: bool):
+    """This rank's payload for the forward all-gather, and the local states it packs."""
+    per_token = log_decay is not None and log_decay.dim() == 3
+    E, F, g = local_states(k, v, log_decay, spans, causal)
+    return pack_states(E, F, g, per_token, spans), (E, F, g)
+
+
+def forward_post(q, log_decay, o_intra, payload_W, states, spans: RankSpans):
+    """o_t from the intra-rank output and everyone's payloads; also what backward needs."""
+    E, F, g = states
+    per_token = log_decay is not None and log_decay.dim() == 3
+    E_W, F_W, gamma_W = unpack_states(payload_W, E, F, per_token, g, spans)
+    S_in, R_in = scan_states(E_W, F_W, gamma_W, spans)
+    o = o_intra + _inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
+    return o, (S_in, R_in, gamma_W)
+
+
+def backward_pre(q, log_decay, do, spans: RankSpans, causal: bool) -> Tensor:
+    """This rank's payload for the backward all-gather: dM_t (and dN_t), flattened."""
+    dM, dN = output_state_grads(q, log_decay, do, spans, causal)
+    return dM.reshape(-1) if dN is None else torch.cat([dM.reshape(-1), dN.reshape(-1)])
+
+
+def backward_local(inputs, do, saved, spans: RankSpans, causal: bool, chunk_size: int):
+    """Gradients through this rank's output (intra part and incoming-state part), which need
+    no remote data. ``inputs`` = (q, k, v, log_decay), detached leaves."""
+    S_in, R_in, _ = saved
+    with torch.enable_grad():
+        o = local_output(*inputs, S_in, R_in, spans, causal, chunk_size)
+        return _grads_through([o], [do], inputs)
+
+
+def backward_post(inputs, dMN_W, saved, spans: RankSpans, causal: bool):
+    """Gradients through this rank's outgoing states (E, F, g), from everyone's dM/dN."""
+    S_in, R_in, gamma_W = saved
+    W, n = spans.num_ranks, S_in.numel()
+    dM_W = dMN_W[:, :n].reshape(W, *S_in.shape)
+    dN_W = None if causal else dMN_W[:, n:].reshape(W, *S_in.shape)
+    H_next, J_prev = scan_state_grads(dM_W, dN_W, gamma_W, spans)
+    dE, dF, dg = state_input_grads(S_in, R_in, H_next, J_prev, gamma_W[spans.rank], spans)
+    with torch.enable_grad():
+        E, F, g = local_states(inputs[1], inputs[2], inputs[3], spans, causal)
+        return _grads_through([E, F, g], [dE, dF, dg], inputs)
+
+
+def leaf_inputs(*tensors):
+    """Detached copies that require grad where the originals did (None stays None)."""
+    return [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in tensors]
+
+
+def sum_grads(*grad_lists, like):
+    """Elementwise sum of per-input gradient lists (None = no contribution), cast to the inputs' dtypes."""
+    out = []
+    for grads, x in zip(zip(*grad_lists), like):
+        present = [g for g in grads if g is not None]
+        out.append(None if not present or x is None else sum(present[1:], present[0]).to(x.dtype))
+    return out
+
+
+class _Lasp2Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, group, spans, causal, chunk_size):
+        payload, states = forward_pre(k, v, log_decay, spans, causal)
+        payload_W, handle = comm.dist_all_gather(payload, group=group, async_op=True)
+        # the intra-rank part needs no remote data: it runs while the gather is in flight
+        o_intra, _ = chunk_linear_attention(
+            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+        )
+        handle.wait()
+        o, saved = forward_post(q, log_decay, o_intra, payload_W, states, spans)
+        ctx.save_for_backward(q, k, v, log_decay, *saved[:2], saved[2])
+        ctx.r_is_none = saved[1] is None
+        ctx.group, ctx.spans, ctx.causal, ctx.chunk_size = group, spans, causal, chunk_size
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, log_decay, S_in, R_in, gamma_W = ctx.saved_tensors
+        saved = (S_in, None if ctx.r_is_none else R_in, gamma_W)
+        payload = backward_pre(q, log_decay, do, ctx.spans, ctx.causal)
+        dMN_W, handle = comm.dist_all_gather(payload, group=ctx.group, async_op=True)
+        inputs = leaf_inputs(q, k, v, log_decay)
+        local = backward_local(inputs, do, saved, ctx.spans, ctx.causal, ctx.chunk_size)
+        handle.wait()
+        remote = backward_post(inputs, dMN_W, saved, ctx.spans, ctx.causal)
+        return (*sum_grads(local, remote, like=(q, k, v, log_decay)), None, None, None, None)
+
+
+def lasp2_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Group,
+    causal: bool = True,
+    log_decay: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """Linear attention over the ranks of ``group`` with LASP-2; inputs are this rank's shard.
+
+    Args:
+        q, k: ``[B, T, H, dk]``; v: ``[B, T, H, dv]`` — tokens [rT, (r+1)T) of the sequence on
+            group rank r (every rank holds the same T).
+        group: the SP group (``comm.SOLO`` for a single rank).
+        causal: causal or bidirectional.
+        log_decay: None, ``[H]`` (fixed per head) or ``[B, T, H]`` (this rank's per-token gates), <= 0.
+        cu_seqlens: document boundaries of the WHOLE packed sequence ``[0, ..., W*T]``, identical
+            on every rank (B must be 1); states reset at each boundary.
+
+    Returns ``[B, T, H, dv]``: this rank's shard of the output, equal to the single-device
+    ``linear_attention`` of the whole sequence.
+    """
+    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
+    spans = rank_spans(
+        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
+    )
+    if spans.num_ranks == 1:
+        return chunk_linear_attention(
+            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+        )[0]
+    return _Lasp2Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)

@@ -1,0 +1,60 @@
+"""The seqmoe command: help, config printing, errors, and honest 'not available' answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from runtime import cli
+
+
+def test_console_script_help():
+    out = subprocess.run(["seqmoe", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("train", "launch", "plan", "profile", "bench", "config"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["train", "launch", "bench", "config"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: seqmoe" in capsys.readouterr().out
+
+
+def test_config_prints_resolved_toml(capsys):
+    assert cli.main(["config", "--config", "configs/tiny-cpu.toml", "--train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert 'name = "tiny-cpu"' in out and "steps = 3" in out
+
+
+def test_bad_override_names_the_field(capsys):
+    assert cli.main(["config", "--moe.top_k=100"]) == 2
+    assert "`moe.top_k`" in capsys.readouterr().err
+
+
+def test_unknown_argument_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["config", "--verbose"])
+    assert info.value.code == 2
+    assert "--section.key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["plan"], ["profile"], ["train"], ["launch"]])
+def test_unlanded_subcommands_say_so_and_fail(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_NOT_AVAILABLE
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_train_validates_config_before_anything_else(capsys):
+    assert cli.main(["train", "--model.num_layer=2"]) == 2
+    assert "did you mean `model.num_layers`" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "config", "--train.seed=5"], capture_output=True, text=True, check=True
+    )
+    assert "seed = 5" in result.stdout

@@ -1,0 +1,226 @@
+"""LASP-2 exactness (DESIGN invariant 1), communication volume and bad input.
+
+Reference: the naive per-token recurrence (or explicit quadratic form) over the whole sequence.
+Tolerances: fp64 in-process simulation <= 1e-10 relative (only reassociation of sums differs);
+fp32 over gloo <= 1e-5 relative, for the output and every gradient (q, k, v, log_decay).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from parallel import comm
+from parallel.lasp2 import lasp2_attention, rank_spans
+from parallel.linear_attention import linear_attention_recurrent
+from tests.distributed import RankFailure, run_on_ranks
+from tests.sp_sim import shard, simulate_lasp2
+
+FP64_TOL = 1e-10
+FP32_TOL = 1e-5
+H, DK, DV = 2, 3, 4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def documents(case: str, W: int, T: int) -> list[int] | None:
+    """Global document boundaries for a named layout of W ranks x T tokens."""
+    total = W * T
+    if case == "none":
+        return None
+    if case == "inside":  # a boundary strictly inside every rank that has room for one
+        inner = [r * T + T // 2 for r in range(W) if T >= 2]
+    elif case == "on_cut":  # boundaries exactly on every rank cut
+        inner = [r * T for r in range(1, W)]
+    elif case == "span3":  # one document from inside rank 0 to inside rank 2
+        inner = [T // 2, 2 * T + T // 2] if T >= 2 else [1, 2 * T + 1]
+    elif case == "mixed":  # seeded random boundaries, incl. 1-token documents
+        g = torch.Generator().manual_seed(zlib.crc32(f"{W},{T}".encode()))
+        inner = torch.randperm(total - 1, generator=g)[: max(1, total // 3)].add(1).tolist()
+    else:
+        raise ValueError(case)
+    return sorted({b for b in inner if 0 < b < total} | {0, total})
+
+
+def make_inputs(W: int, T: int, decay: str, docs: str, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B = 1 if docs != "none" else 2
+    shape = (B, W * T, H)
+    q = torch.randn(*shape, DK, generator=g, dtype=dtype)
+    k = torch.randn(*shape, DK, generator=g, dtype=dtype)
+    v = torch.randn(*shape, DV, generator=g, dtype=dtype)
+    if decay == "none":
+        a = None
+    elif decay == "head":
+        a = -torch.rand(H, generator=g, dtype=dtype) * 0.5
+    else:
+        a = -torch.rand(*shape, generator=g, dtype=dtype) * 0.5
+    bounds = documents(docs, W, T)
+    cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int64)
+    do = torch.randn(B, W * T, H, DV, generator=g, dtype=dtype)
+    return q, k, v, a, cu, do
+
+
+def reference(q, k, v, a, cu, do, causal):
+    """(o, dq, dk, dv, da) of the single-device naive reference, in fp64."""
+    leaves = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, a)]
+    o, _ = linear_attention_recurrent(*leaves[:3], causal=causal, log_decay=leaves[3], cu_seqlens=cu)
+    grads = torch.autograd.grad(o, [x for x in leaves if x is not None], do.double())
+    grads = list(grads) + [None] * (4 - len(grads))
+    return (o.detach(), *grads)
+
+
+DOCS = ["none", "inside", "on_cut", "span3", "mixed"]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("decay", ["none", "head", "token"])
+@pytest.mark.parametrize("docs", DOCS)
+@pytest.mark.parametrize("W,T", [(1, 5), (2, 5), (3, 9), (4, 1), (4, 3), (7, 2)], ids=lambda x: str(x))
+def test_simulated_ranks_match_reference_fp64(W, T, docs, decay, causal):
+    if docs == "span3" and W < 3:
+        pytest.skip("a document spanning three ranks needs three ranks")
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs)
+    got = simulate_lasp2(q, k, v, a, cu, W=W, causal=causal, do=do, chunk_size=4)
+    want = reference(q, k, v, a, cu, do, causal)
+    for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], got, want):
+        if y is None:
+            assert x is None, name
+            continue
+        assert rel_err(x, y) <= FP64_TOL, f"{name}: {rel_err(x, y):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real gloo processes, fp32.
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_lasp2(ctx, T, decay, docs, causal, seed):
+    W, r = ctx.world_size, ctx.rank
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
+    leaves = [None if x is None else shard(x, W, r).clone().requires_grad_() for x in (q, k, v, a)]
+    with comm.CommMeter() as meter:
+        o = lasp2_attention(*leaves[:3], group=ctx.world, causal=causal, log_decay=leaves[3], cu_seqlens=cu)
+        o.backward(shard(do, W, r))
+    return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize(
+    "decay,docs,causal",
+    [
+        ("none", "none", True),
+        ("head", "inside", True),
+        ("token", "on_cut", True),
+        ("token", "span3", True),
+        ("token", "mixed", False),
+        ("head", "none", False),
+        ("none", "span3", False),
+    ],
+)
+def test_gloo_ranks_match_reference_fp32(W, decay, docs, causal):
+    if docs == "span3" and W < 3:
+        pytest.skip("a document spanning three ranks needs three ranks")
+    T = 6
+    results = run_on_ranks(W, _run_lasp2, T, decay, docs, causal, seed=1)
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=1)
+    want = reference(q, k, v, a, cu, do, causal)
+    got = [torch.cat([res[0][i] for res in results], dim=1) for i in range(4)]
+    if a is None:
+        got.append(None)
+    elif a.dim() == 1:
+        got.append(sum(res[0][4] for res in results))  # a shared parameter: gradients sum over ranks
+    else:
+        got.append(torch.cat([res[0][4] for res in results], dim=1))
+    for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], got, want):
+        if y is None:
+            continue
+        assert x.dtype == torch.float32
+        assert rel_err(x.double(), y) <= FP32_TOL, f"{name}: {rel_err(x.double(), y):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication volume: (W-1) * payload per rank each way, independent of T.
+# ---------------------------------------------------------------------------------------------
+
+
+def lasp2_bytes(W: int, B: int, decay: str, causal: bool, docs: str) -> int:
+    """Analytic all-gather bytes sent (= received) per rank per call, forward + backward, fp32."""
+    state = B * H * DK * DV
+    two_states = not causal and (decay != "none" or docs != "none")
+    forward = state * (2 if two_states else 1) + (B * H if decay == "token" else 0) + 2  # + 8-byte fingerprint
+    backward = state * (1 if causal else 2)
+    return (W - 1) * (forward + backward) * 4
+
+
+@pytest.mark.parametrize(
+    "decay,docs,causal",
+    [("none", "none", True), ("token", "inside", True), ("head", "none", False), ("token", "mixed", False)],
+)
+def test_lasp2_bytes_are_analytic_and_independent_of_length(decay, docs, causal):
+    W = 4
+    for T in (4, 64):
+        results = run_on_ranks(W, _run_lasp2, T, decay, docs, causal, seed=2)
+        B = 1 if docs != "none" else 2
+        for _, summary in results:
+            assert set(summary) == {"all_gather"}
+            counts = summary["all_gather"]
+            assert counts["calls"] == 2
+            assert counts["bytes_sent"] == counts["bytes_received"] == lasp2_bytes(W, B, decay, causal, docs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_with_rank_dependent_documents(ctx):
+    q = torch.randn(1, 4, H, DK)
+    cu = torch.tensor([0, 3 + ctx.rank, 8])  # differs across ranks
+    try:
+        lasp2_attention(q, q, torch.randn(1, 4, H, DV), group=ctx.world, cu_seqlens=cu)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_mismatched_documents_across_ranks_raise_on_every_rank():
+    messages = run_on_ranks(2, _run_with_rank_dependent_documents)
+    assert all(m is not None and "different cu_seqlens" in m for m in messages), messages
+
+
+def _run_positive_decay(ctx):
+    q = torch.randn(1, 4, H, DK)
+    lasp2_attention(q, q, torch.randn(1, 4, H, DV), group=ctx.world, log_decay=torch.tensor([0.1, -0.1]))
+
+
+def test_positive_decay_is_rejected_before_any_collective():
+    with pytest.raises(RankFailure, match="log_decay"):
+        run_on_ranks(2, _run_positive_decay)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"cu_seqlens": torch.tensor([0, 3, 7])}, "end at the packed length"),
+        ({"cu_seqlens": torch.tensor([1, 8])}, "start at 0"),
+        ({"cu_seqlens": torch.tensor([0, 4, 4, 8])}, "strictly increasing"),
+        ({"cu_seqlens": torch.tensor([0.0, 8.0])}, "1-D integer"),
+    ],
+)
+def test_bad_cu_seqlens(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        rank_spans(kwargs["cu_seqlens"], num_ranks=2, rank=0, local_len=4)
+
+
+def test_bad_shapes_name_the_argument():
+    q = torch.randn(1, 4, H, DK)
+    with pytest.raises(ValueError, match="v"):
+        lasp2_attention(q, q, torch.randn(1, 5, H, DV), group=comm.SOLO)
+    with pytest.raises(ValueError, match="batch size 1"):
+        x = torch.randn(2, 4, H, DK)
+        lasp2_attention(x, x, torch.randn(2, 4, H, DV), group=comm.SOLO, cu_seqlens=torch.tensor([0, 2, 4]))
