@@ -165,10 +165,10 @@ def local_output(q, k, v, log_decay, S_in, R_in, spans: RankSpans, causal: bool,
     o, _ = chunk_linear_attention(
         q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
     )
-    return o + _inter_output(q, log_decay, S_in, R_in, spans).to(o.dtype)
+    return o + inter_output(q, log_decay, S_in, R_in, spans).to(o.dtype)
 
 
-def _inter_output(q, log_decay, S_in, R_in, spans: RankSpans) -> Tensor:
+def inter_output(q, log_decay, S_in, R_in, spans: RankSpans) -> Tensor:
     B, T, H, _ = q.shape
     cdt = S_in.dtype
     qc = q.to(cdt)
@@ -301,7 +301,7 @@ def unpack_states(
 # --------------------------------------------------------------------------------------------
 
 
-def _grads_through(outputs, grad_outputs, inputs):
+def grads_through(outputs, grad_outputs, inputs):
     """torch.autograd.grad over the pairs that exist; None for inputs that get no gradient."""
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None and o.requires_grad]
     wanted = [x for x in inputs if x is not None and x.requires_grad]
@@ -329,7 +329,7 @@ def forward_post(q, log_decay, o_intra, payload_W, states, spans: RankSpans):
     per_token = log_decay is not None and log_decay.dim() == 3
     E_W, F_W, gamma_W = unpack_states(payload_W, E, F, per_token, g, spans)
     S_in, R_in = scan_states(E_W, F_W, gamma_W, spans)
-    o = o_intra + _inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
+    o = o_intra + inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
     return o, (S_in, R_in, gamma_W)
 
 
@@ -345,7 +345,7 @@ def backward_local(inputs, do, saved, spans: RankSpans, causal: bool, chunk_size
     S_in, R_in, _ = saved
     with torch.enable_grad():
         o = local_output(*inputs, S_in, R_in, spans, causal, chunk_size)
-        return _grads_through([o], [do], inputs)
+        return grads_through([o], [do], inputs)
 
 
 def backward_post(inputs, dMN_W, saved, spans: RankSpans, causal: bool):
@@ -358,7 +358,7 @@ def backward_post(inputs, dMN_W, saved, spans: RankSpans, causal: bool):
     dE, dF, dg = state_input_grads(S_in, R_in, H_next, J_prev, gamma_W[spans.rank], spans)
     with torch.enable_grad():
         E, F, g = local_states(inputs[1], inputs[2], inputs[3], spans, causal)
-        return _grads_through([E, F, g], [dE, dF, dg], inputs)
+        return grads_through([E, F, g], [dE, dF, dg], inputs)
 
 
 def leaf_inputs(*tensors):
@@ -386,15 +386,13 @@ class _Lasp2Function(torch.autograd.Function):
         )
         handle.wait()
         o, saved = forward_post(q, log_decay, o_intra, payload_W, states, spans)
-        ctx.save_for_backward(q, k, v, log_decay, *saved[:2], saved[2])
-        ctx.r_is_none = saved[1] is None
+        ctx.save_for_backward(q, k, v, log_decay, *saved)
         ctx.group, ctx.spans, ctx.causal, ctx.chunk_size = group, spans, causal, chunk_size
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, S_in, R_in, gamma_W = ctx.saved_tensors
-        saved = (S_in, None if ctx.r_is_none else R_in, gamma_W)
+        q, k, v, log_decay, *saved = ctx.saved_tensors
         payload = backward_pre(q, log_decay, do, ctx.spans, ctx.causal)
         dMN_W, handle = comm.dist_all_gather(payload, group=ctx.group, async_op=True)
         inputs = leaf_inputs(q, k, v, log_decay)

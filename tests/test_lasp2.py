@@ -7,71 +7,16 @@ fp32 over gloo <= 1e-5 relative, for the output and every gradient (q, k, v, log
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 from parallel import comm
 from parallel.lasp2 import lasp2_attention, rank_spans
-from parallel.linear_attention import linear_attention_recurrent
 from tests.distributed import RankFailure, run_on_ranks
-from tests.sp_sim import shard, simulate_lasp2
+from tests.sp_sim import DK, DV, H, make_inputs, reference, rel_err, shard, simulate_lasp2
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
-H, DK, DV = 2, 3, 4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def documents(case: str, W: int, T: int) -> list[int] | None:
-    """Global document boundaries for a named layout of W ranks x T tokens."""
-    total = W * T
-    if case == "none":
-        return None
-    if case == "inside":  # a boundary strictly inside every rank that has room for one
-        inner = [r * T + T // 2 for r in range(W) if T >= 2]
-    elif case == "on_cut":  # boundaries exactly on every rank cut
-        inner = [r * T for r in range(1, W)]
-    elif case == "span3":  # one document from inside rank 0 to inside rank 2
-        inner = [T // 2, 2 * T + T // 2] if T >= 2 else [1, 2 * T + 1]
-    elif case == "mixed":  # seeded random boundaries, incl. 1-token documents
-        g = torch.Generator().manual_seed(zlib.crc32(f"{W},{T}".encode()))
-        inner = torch.randperm(total - 1, generator=g)[: max(1, total // 3)].add(1).tolist()
-    else:
-        raise ValueError(case)
-    return sorted({b for b in inner if 0 < b < total} | {0, total})
-
-
-def make_inputs(W: int, T: int, decay: str, docs: str, dtype=torch.float64, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    B = 1 if docs != "none" else 2
-    shape = (B, W * T, H)
-    q = torch.randn(*shape, DK, generator=g, dtype=dtype)
-    k = torch.randn(*shape, DK, generator=g, dtype=dtype)
-    v = torch.randn(*shape, DV, generator=g, dtype=dtype)
-    if decay == "none":
-        a = None
-    elif decay == "head":
-        a = -torch.rand(H, generator=g, dtype=dtype) * 0.5
-    else:
-        a = -torch.rand(*shape, generator=g, dtype=dtype) * 0.5
-    bounds = documents(docs, W, T)
-    cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int64)
-    do = torch.randn(B, W * T, H, DV, generator=g, dtype=dtype)
-    return q, k, v, a, cu, do
-
-
-def reference(q, k, v, a, cu, do, causal):
-    """(o, dq, dk, dv, da) of the single-device naive reference, in fp64."""
-    leaves = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, a)]
-    o, _ = linear_attention_recurrent(*leaves[:3], causal=causal, log_decay=leaves[3], cu_seqlens=cu)
-    grads = torch.autograd.grad(o, [x for x in leaves if x is not None], do.double())
-    grads = list(grads) + [None] * (4 - len(grads))
-    return (o.detach(), *grads)
 
 
 DOCS = ["none", "inside", "on_cut", "span3", "mixed"]

@@ -1,0 +1,145 @@
+"""LASP-1: the ring (serial chain) baseline for sequence-parallel linear attention.
+
+Same maths as LASP-2 (parallel/lasp2.py) and the same rank-local pieces; only the exchange
+differs. Instead of one all-gather followed by a local scan, the state travels rank to rank:
+rank t waits for S(t) from rank t-1, computes S(t+1) = c_{t+1} (E_t + s_t Gamma_t S(t)) and
+sends it on, so the W-1 hops are strictly sequential (the last rank waits for all of them).
+Bidirectional attention runs a second chain right to left for R; backward runs the chains
+in the opposite directions for the gradients H and J.
+
+Communication per rank and layer: one state of B*H*dk*dv elements received from the left and
+one sent to the right per chain, forward and backward: about the bytes of LASP-2's gather
+divided by W-1 per rank, but in W-1 dependent steps (latency grows with W).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from parallel import comm
+from parallel.comm import Group
+from parallel.lasp2 import (
+    RankSpans,
+    backward_local,
+    grads_through,
+    inter_output,
+    leaf_inputs,
+    local_states,
+    output_state_grads,
+    rank_spans,
+    state_input_grads,
+    sum_grads,
+)
+from parallel.linear_attention import chunk_linear_attention, validate_linear_attention_inputs
+
+__all__ = ["lasp1_attention"]
+
+
+def _chain(local: Tensor, spans: RankSpans, *, group: Group, rightward: bool, combine) -> Tensor:
+    """One serial pass along the ranks. Returns what this rank received (zeros at the chain's
+    start) after forwarding ``combine(received)`` to the next rank, if any."""
+    t, W = spans.rank, spans.num_ranks
+    source = t - 1 if rightward else t + 1
+    target = t + 1 if rightward else t - 1
+    received = comm.dist_recv(local, src=source, group=group) if 0 <= source < W else torch.zeros_like(local)
+    if 0 <= target < W:
+        comm.dist_send(combine(received), dst=target, group=group)
+    return received
+
+
+def _state_out(own: Tensor, gamma: Tensor, keep: bool, carry: bool):
+    """The function a rank applies before passing a state on: c * (own + s * Gamma * received)."""
+
+    def combine(received: Tensor) -> Tensor:
+        if not keep:
+            return torch.zeros_like(own)
+        return own + gamma[..., None, None] * received if carry else own
+
+    return combine
+
+
+class _Lasp1Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, group, spans, causal, chunk_size):
+        t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
+        E, F, g = local_states(k, v, log_decay, spans, causal)
+        gamma = g.exp()
+        # computed before the chain reaches this rank, as LASP-1 does
+        o_intra, _ = chunk_linear_attention(
+            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+        )
+        keep_right = t + 1 < W and c[t + 1]
+        S_in = _chain(E, spans, group=group, rightward=True, combine=_state_out(E, gamma, keep_right, s[t]))
+        R_in = None
+        if not causal:
+            keep_left = t >= 1 and c[t]
+            R_in = _chain(F, spans, group=group, rightward=False, combine=_state_out(F, gamma, keep_left, s[t]))
+        o = o_intra + inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
+        ctx.save_for_backward(q, k, v, log_decay, S_in, R_in, gamma)
+        ctx.group, ctx.spans, ctx.causal, ctx.chunk_size = group, spans, causal, chunk_size
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, log_decay, S_in, R_in, gamma = ctx.saved_tensors
+        spans, causal, group = ctx.spans, ctx.causal, ctx.group
+        t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
+        dM, dN = output_state_grads(q, log_decay, do, spans, causal)
+        inputs = leaf_inputs(q, k, v, log_decay)
+        local = backward_local(inputs, do, (S_in, R_in, None), spans, causal, ctx.chunk_size)
+        # H(t) = dM_t + c_{t+1} s_t Gamma_t H(t+1), passed right to left; J mirrors it
+        carry_h = t + 1 < W and c[t + 1] and s[t]
+        H_next = _chain(dM, spans, group=group, rightward=False, combine=_state_out(dM, gamma, True, carry_h))
+        J_prev = None
+        if not causal:
+            carry_j = t >= 1 and c[t] and s[t]
+            J_prev = _chain(dN, spans, group=group, rightward=True, combine=_state_out(dN, gamma, True, carry_j))
+        dE, dF, dg = state_input_grads(S_in, R_in, H_next, J_prev, gamma, spans)
+        with torch.enable_grad():
+            E, F, g = local_states(inputs[1], inputs[2], inputs[3], spans, causal)
+            remote = grads_through([E, F, g], [dE, dF, dg], inputs)
+        return (*sum_grads(local, remote, like=(q, k, v, log_decay)), None, None, None, None)
+
+
+def _check_same_documents(spans: RankSpans, group: Group, device) -> None:
+    """One 8-byte all-gather: every rank must hold the same cu_seqlens (LASP-2 folds this check
+    into its state gather; the ring has no collective to fold it into)."""
+    fingerprint = torch.tensor([spans.fingerprint], dtype=torch.int64, device=device)
+    prints_W, _ = comm.dist_all_gather(fingerprint, group=group)
+    if len(set(prints_W.reshape(-1).tolist())) != 1:
+        raise ValueError(
+            "LASP-1: ranks of one SP group were given different cu_seqlens (or local lengths): the "
+            "packed sequence's document boundaries must be identical on every rank of the group"
+        )
+
+
+def lasp1_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Group,
+    causal: bool = True,
+    log_decay: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = 64,
+    check_documents: bool = True,
+) -> Tensor:
+    """Linear attention over ``group`` with the LASP-1 ring; same contract as ``lasp2_attention``.
+
+    ``check_documents=False`` skips the extra 8-byte all-gather that verifies cu_seqlens agree
+    across ranks (benchmarks use it to time the ring alone)."""
+    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
+    spans = rank_spans(
+        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
+    )
+    if spans.num_ranks == 1:
+        return chunk_linear_attention(
+            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+        )[0]
+    if check_documents and cu_seqlens is not None:
+        _check_same_documents(spans, group, q.device)
+    return _Lasp1Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)

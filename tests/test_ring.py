@@ -1,0 +1,95 @@
+"""LASP-1 ring baseline: exactness over gloo (fp32 <= 1e-5 relative, output and every gradient),
+its point-to-point volume, and agreement with LASP-2 on the same inputs.
+
+The ring shares LASP-2's rank-local pieces, which the fp64 simulation in test_lasp2.py covers;
+what is specific to the ring (the serial chains) only exists across processes, so it is tested
+over gloo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel import comm
+from parallel.lasp2 import lasp2_attention
+from parallel.ring import lasp1_attention
+from tests.distributed import run_on_ranks
+from tests.sp_sim import DK, DV, H, make_inputs, reference, rel_err, shard
+
+FP32_TOL = 1e-5
+CASES = [
+    ("none", "none", True),
+    ("head", "inside", True),
+    ("token", "on_cut", True),
+    ("token", "span3", True),
+    ("token", "mixed", False),
+    ("head", "none", False),
+    ("none", "span3", False),
+]
+
+
+def _run(ctx, op_name, T, decay, docs, causal, seed):
+    op = {"lasp1": lasp1_attention, "lasp2": lasp2_attention}[op_name]
+    W, r = ctx.world_size, ctx.rank
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
+    leaves = [None if x is None else shard(x, W, r).clone().requires_grad_() for x in (q, k, v, a)]
+    with comm.CommMeter() as meter:
+        o = op(*leaves[:3], group=ctx.world, causal=causal, log_decay=leaves[3], cu_seqlens=cu)
+        o.backward(shard(do, W, r))
+    return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
+
+
+def _gather_full(results, a):
+    got = [torch.cat([res[0][i] for res in results], dim=1) for i in range(4)]
+    if a is None:
+        got.append(None)
+    elif a.dim() == 1:
+        got.append(sum(res[0][4] for res in results))
+    else:
+        got.append(torch.cat([res[0][4] for res in results], dim=1))
+    return got
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("decay,docs,causal", CASES)
+def test_ring_matches_reference_fp32(W, decay, docs, causal):
+    if docs == "span3" and W < 3:
+        pytest.skip("a document spanning three ranks needs three ranks")
+    T = 5
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=3)
+    got = _gather_full(run_on_ranks(W, _run, "lasp1", T, decay, docs, causal, seed=3), a)
+    want = reference(q, k, v, a, cu, do, causal)
+    for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], got, want):
+        if y is not None:
+            assert rel_err(x.double(), y) <= FP32_TOL, f"{name}: {rel_err(x.double(), y):.2e}"
+
+
+def test_ring_and_lasp2_agree():
+    W, T = 4, 7
+    args = (T, "token", "mixed", True)
+    ring = _gather_full(run_on_ranks(W, _run, "lasp1", *args, seed=4), a=torch.zeros(1, 1, 1))
+    gather = _gather_full(run_on_ranks(W, _run, "lasp2", *args, seed=4), a=torch.zeros(1, 1, 1))
+    for x, y in zip(ring, gather):
+        assert rel_err(x, y) <= FP32_TOL
+
+
+@pytest.mark.parametrize("decay,docs,causal", [("none", "none", True), ("token", "inside", False)])
+def test_ring_bytes(decay, docs, causal):
+    """Per rank: one state from the left and one to the right per chain (ends of the chain do
+    one of the two), chains: 1 forward + 1 backward causal, twice that bidirectional; plus the
+    8-byte document check when cu_seqlens is given."""
+    W, T = 4, 6
+    B = 1 if docs != "none" else 2
+    state = B * H * DK * DV * 4
+    chains = 2 if causal else 4
+    for rank, (_, summary) in enumerate(run_on_ranks(W, _run, "lasp1", T, decay, docs, causal, seed=5)):
+        neighbours = (rank > 0) + (rank < W - 1)
+        # each chain sends once and receives once through a middle rank; a chain's two ends do one each
+        total_hops = chains * neighbours
+        sent = summary.get("send", {}).get("bytes_sent", 0)
+        received = summary.get("recv", {}).get("bytes_received", 0)
+        assert sent + received == total_hops * state, (rank, summary)
+        if docs != "none":
+            assert summary["all_gather"]["bytes_sent"] == (W - 1) * 8
+        else:
+            assert "all_gather" not in summary
