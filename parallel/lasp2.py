@@ -160,14 +160,6 @@ def local_states(k, v, log_decay, spans: RankSpans, causal: bool) -> tuple[Tenso
     return E_BHKV, F_BHKV, g_BH
 
 
-def local_output(q, k, v, log_decay, S_in, R_in, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
-    """o_t from local tokens plus the incoming states (S_in from the left, R_in from the right)."""
-    o, _ = chunk_linear_attention(
-        q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-    )
-    return o + inter_output(q, log_decay, S_in, R_in, spans).to(o.dtype)
-
-
 def inter_output(q, log_decay, S_in, R_in, spans: RankSpans) -> Tensor:
     B, T, H, _ = q.shape
     cdt = S_in.dtype
@@ -260,9 +252,10 @@ def _fingerprint_tensor(spans: RankSpans, dtype: torch.dtype, device) -> Tensor:
     return torch.tensor([spans.fingerprint], dtype=torch.int64, device=device).view(dtype)
 
 
-def pack_states(E, F, g, per_token_decay: bool, spans: RankSpans) -> Tensor:
+def pack_states(E, F, g, per_token_decay: bool, spans: RankSpans, f_is_e: bool = False) -> Tensor:
+    """[E, F (unless absent or equal to E), g (per-token decay only), fingerprint], flat."""
     parts = [E.reshape(-1)]
-    if F is not None and F is not E:
+    if F is not None and not f_is_e:
         parts.append(F.reshape(-1))
     if per_token_decay:
         parts.append(g.reshape(-1))
@@ -270,7 +263,7 @@ def pack_states(E, F, g, per_token_decay: bool, spans: RankSpans) -> Tensor:
 
 
 def unpack_states(
-    payload_W: Tensor, E: Tensor, F: Tensor | None, per_token_decay: bool, g_local: Tensor, spans: RankSpans
+    payload_W: Tensor, E: Tensor, has_F: bool, f_is_e: bool, per_token_decay: bool, g_local: Tensor, spans: RankSpans
 ):
     """Split [W, n] gathered payloads into E_W, F_W, gamma_W (the layout of ``pack_states``),
     and check that every rank was given the same documents."""
@@ -284,8 +277,8 @@ def unpack_states(
         )
     E_W = payload_W[:, :n_state].reshape(W, *E.shape)
     offset = n_state
-    F_W = None if F is None else E_W
-    if F is not None and F is not E:
+    F_W = E_W if has_F else None
+    if has_F and not f_is_e:
         F_W = payload_W[:, offset : offset + n_state].reshape(W, *E.shape)
         offset += n_state
     if per_token_decay:
@@ -312,43 +305,63 @@ def grads_through(outputs, grad_outputs, inputs):
     return [None if x is None else by_id.get(id(x)) for x in inputs]
 
 
-# The per-rank phases of one LASP-2 call. Between each *_pre and *_post, the payloads of all
-# ranks are all-gathered ([W, n]); tests run W ranks through these in one process.
+# The per-rank phases of one LASP-2 call. Between forward_pre and forward_post, and between
+# backward_pre and backward_post, the payloads of all ranks are all-gathered ([W, n]); tests run
+# W ranks through these very functions in one process. The rank-local computations keep their
+# autograd graph from forward to backward (on detached leaf copies of the inputs): the
+# pure-torch kernel would hold those activations under plain autograd anyway, and fla's
+# Function saves only its inputs, so keeping the graph costs no more memory than recomputing
+# and saves a second forward pass.
 
 
-def forward_pre(k, v, log_decay, spans: RankSpans, causal: bool):
-    """This rank's payload for the forward all-gather, and the local states it packs."""
+def leaf_inputs(*tensors):
+    """Detached copies that require grad where the originals did (None stays None)."""
+    return [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in tensors]
+
+
+def forward_pre(leaves, spans: RankSpans, causal: bool):
+    """This rank's payload for the forward all-gather, and the local states (with their graph)."""
+    _, k, v, log_decay = leaves
+    with torch.enable_grad():
+        E, F, g = local_states(k, v, log_decay, spans, causal)
     per_token = log_decay is not None and log_decay.dim() == 3
-    E, F, g = local_states(k, v, log_decay, spans, causal)
-    return pack_states(E, F, g, per_token, spans), (E, F, g)
+    F_data = None if F is None else F.detach()
+    payload = pack_states(E.detach(), F_data, g.detach(), per_token, spans, f_is_e=F is E)
+    return payload, (E, F, g)
 
 
-def forward_post(q, log_decay, o_intra, payload_W, states, spans: RankSpans):
-    """o_t from the intra-rank output and everyone's payloads; also what backward needs."""
+def forward_intra(leaves, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
+    """The intra-rank output, which needs no remote data (runs while the gather is in flight)."""
+    q, k, v, log_decay = leaves
+    with torch.enable_grad():
+        o, _ = chunk_linear_attention(
+            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+        )
+    return o
+
+
+def forward_post(leaves, o_intra, payload_W, states, spans: RankSpans):
+    """o_t (with its local graph) from the intra output and everyone's payloads, plus what the
+    backward scans need."""
+    q, _, _, log_decay = leaves
     E, F, g = states
     per_token = log_decay is not None and log_decay.dim() == 3
-    E_W, F_W, gamma_W = unpack_states(payload_W, E, F, per_token, g, spans)
+    E_W, F_W, gamma_W = unpack_states(payload_W, E.detach(), F is not None, F is E, per_token, g.detach(), spans)
     S_in, R_in = scan_states(E_W, F_W, gamma_W, spans)
-    o = o_intra + inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
+    with torch.enable_grad():
+        o = o_intra + inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
     return o, (S_in, R_in, gamma_W)
 
 
 def backward_pre(q, log_decay, do, spans: RankSpans, causal: bool) -> Tensor:
     """This rank's payload for the backward all-gather: dM_t (and dN_t), flattened."""
+    q = q.detach()
+    log_decay = None if log_decay is None else log_decay.detach()
     dM, dN = output_state_grads(q, log_decay, do, spans, causal)
     return dM.reshape(-1) if dN is None else torch.cat([dM.reshape(-1), dN.reshape(-1)])
 
 
-def backward_local(inputs, do, saved, spans: RankSpans, causal: bool, chunk_size: int):
-    """Gradients through this rank's output (intra part and incoming-state part), which need
-    no remote data. ``inputs`` = (q, k, v, log_decay), detached leaves."""
-    S_in, R_in, _ = saved
-    with torch.enable_grad():
-        o = local_output(*inputs, S_in, R_in, spans, causal, chunk_size)
-        return grads_through([o], [do], inputs)
-
-
-def backward_post(inputs, dMN_W, saved, spans: RankSpans, causal: bool):
+def backward_post(leaves, states, dMN_W, saved, spans: RankSpans, causal: bool):
     """Gradients through this rank's outgoing states (E, F, g), from everyone's dM/dN."""
     S_in, R_in, gamma_W = saved
     W, n = spans.num_ranks, S_in.numel()
@@ -356,14 +369,7 @@ def backward_post(inputs, dMN_W, saved, spans: RankSpans, causal: bool):
     dN_W = None if causal else dMN_W[:, n:].reshape(W, *S_in.shape)
     H_next, J_prev = scan_state_grads(dM_W, dN_W, gamma_W, spans)
     dE, dF, dg = state_input_grads(S_in, R_in, H_next, J_prev, gamma_W[spans.rank], spans)
-    with torch.enable_grad():
-        E, F, g = local_states(inputs[1], inputs[2], inputs[3], spans, causal)
-        return grads_through([E, F, g], [dE, dF, dg], inputs)
-
-
-def leaf_inputs(*tensors):
-    """Detached copies that require grad where the originals did (None stays None)."""
-    return [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in tensors]
+    return grads_through(list(states), [dE, dF, dg], leaves)
 
 
 def sum_grads(*grad_lists, like):
@@ -378,28 +384,29 @@ def sum_grads(*grad_lists, like):
 class _Lasp2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, group, spans, causal, chunk_size):
-        payload, states = forward_pre(k, v, log_decay, spans, causal)
+        leaves = leaf_inputs(q, k, v, log_decay)
+        payload, states = forward_pre(leaves, spans, causal)
         payload_W, handle = comm.dist_all_gather(payload, group=group, async_op=True)
-        # the intra-rank part needs no remote data: it runs while the gather is in flight
-        o_intra, _ = chunk_linear_attention(
-            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-        )
+        o_intra = forward_intra(leaves, spans, causal, chunk_size)
         handle.wait()
-        o, saved = forward_post(q, log_decay, o_intra, payload_W, states, spans)
-        ctx.save_for_backward(q, k, v, log_decay, *saved)
-        ctx.group, ctx.spans, ctx.causal, ctx.chunk_size = group, spans, causal, chunk_size
-        return o
+        o, saved = forward_post(leaves, o_intra, payload_W, states, spans)
+        # graphs, not just tensors, go to backward: kept as attributes, released with ctx
+        ctx.leaves, ctx.states, ctx.o, ctx.saved = leaves, states, o, saved
+        ctx.group, ctx.spans, ctx.causal = group, spans, causal
+        return o.detach()
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, *saved = ctx.saved_tensors
+        q, _, _, log_decay = ctx.leaves
         payload = backward_pre(q, log_decay, do, ctx.spans, ctx.causal)
         dMN_W, handle = comm.dist_all_gather(payload, group=ctx.group, async_op=True)
-        inputs = leaf_inputs(q, k, v, log_decay)
-        local = backward_local(inputs, do, saved, ctx.spans, ctx.causal, ctx.chunk_size)
+        # while dM travels: gradients through the local output
+        local = grads_through([ctx.o], [do], ctx.leaves)
         handle.wait()
-        remote = backward_post(inputs, dMN_W, saved, ctx.spans, ctx.causal)
-        return (*sum_grads(local, remote, like=(q, k, v, log_decay)), None, None, None, None)
+        remote = backward_post(ctx.leaves, ctx.states, dMN_W, ctx.saved, ctx.spans, ctx.causal)
+        grads = sum_grads(local, remote, like=ctx.leaves)
+        del ctx.leaves, ctx.states, ctx.o, ctx.saved
+        return (*grads, None, None, None, None)
 
 
 def lasp2_attention(

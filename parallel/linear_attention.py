@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from parallel.fla_backend import fla_available, fla_chunk_linear_attention, fla_gated_backward_ok, fla_uses_gates
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "chunk_linear_attention",
@@ -359,14 +361,30 @@ def chunk_linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
-    """Chunked pure-torch linear attention, differentiable in q, k, v, log_decay and initial_state.
+    """Chunked linear attention, differentiable in q, k, v, log_decay and initial_state.
 
     Returns ``(o, final_state)``: o in q's dtype; final_state ``[B, H, dk, dv]`` in the compute
     dtype (fp32 or fp64) when ``output_final_state`` (causal only), else None.
+
+    ``backend``: ``"torch"`` (this file's pure-torch kernel, the reference and the CPU path),
+    ``"fla"`` (flash-linear-attention's Triton kernel; CUDA, causal only) or ``"auto"``: fla for
+    causal bf16/fp16 inputs on CUDA when fla is installed, else torch. fp32 inputs stay on torch
+    under auto because fla's kernels may use TF32 products.
     """
     validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state)
     _check_bidirectional_args(causal, initial_state, output_final_state)
+    if _use_fla(backend, causal, q, k, v, log_decay):
+        return fla_chunk_linear_attention(
+            q,
+            k,
+            v,
+            log_decay=log_decay,
+            cu_seqlens=cu_seqlens,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     cdt = _compute_dtype(q.dtype)
@@ -380,6 +398,25 @@ def chunk_linear_attention(
     h0 = None if initial_state is None else initial_state.to(cdt)
     o, state = _chunk_causal(qc, kc, vc, a_BTH, reset_T, h0, strict=False, chunk_size=chunk_size)
     return o.to(q.dtype), (state if output_final_state else None)
+
+
+def _use_fla(backend: str, causal: bool, q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        if not (q.is_cuda and causal and q.dtype in (torch.bfloat16, torch.float16) and fla_available()):
+            return False
+        # where fla refuses the gated backward, training with gates stays on the torch kernel
+        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_decay))
+        return fla_gated_backward_ok() or not (needs_grad and fla_uses_gates(log_decay))
+    if backend != "fla":
+        raise ValueError(f"backend must be 'auto', 'torch' or 'fla', got {backend!r}")
+    if not (q.is_cuda and causal and fla_available()):
+        raise ValueError(
+            "backend='fla' needs CUDA tensors, causal attention and flash-linear-attention installed "
+            f"(got device={q.device}, causal={causal}, fla installed={fla_available()}); use backend='torch'"
+        )
+    return True
 
 
 def linear_attention(

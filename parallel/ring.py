@@ -21,11 +21,11 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.lasp2 import (
     RankSpans,
-    backward_local,
+    forward_intra,
+    forward_pre,
     grads_through,
     inter_output,
     leaf_inputs,
-    local_states,
     output_state_grads,
     rank_spans,
     state_input_grads,
@@ -63,31 +63,31 @@ class _Lasp1Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, group, spans, causal, chunk_size):
         t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
-        E, F, g = local_states(k, v, log_decay, spans, causal)
+        leaves = leaf_inputs(q, k, v, log_decay)
+        _, states = forward_pre(leaves, spans, causal)
+        E, F, g = (None if x is None else x.detach() for x in states)
         gamma = g.exp()
         # computed before the chain reaches this rank, as LASP-1 does
-        o_intra, _ = chunk_linear_attention(
-            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-        )
+        o_intra = forward_intra(leaves, spans, causal, chunk_size)
         keep_right = t + 1 < W and c[t + 1]
         S_in = _chain(E, spans, group=group, rightward=True, combine=_state_out(E, gamma, keep_right, s[t]))
         R_in = None
         if not causal:
             keep_left = t >= 1 and c[t]
             R_in = _chain(F, spans, group=group, rightward=False, combine=_state_out(F, gamma, keep_left, s[t]))
-        o = o_intra + inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
-        ctx.save_for_backward(q, k, v, log_decay, S_in, R_in, gamma)
-        ctx.group, ctx.spans, ctx.causal, ctx.chunk_size = group, spans, causal, chunk_size
-        return o
+        with torch.enable_grad():
+            o = o_intra + inter_output(leaves[0], leaves[3], S_in, R_in, spans).to(o_intra.dtype)
+        ctx.leaves, ctx.states, ctx.o, ctx.S_in, ctx.R_in, ctx.gamma = leaves, states, o, S_in, R_in, gamma
+        ctx.group, ctx.spans, ctx.causal = group, spans, causal
+        return o.detach()
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, S_in, R_in, gamma = ctx.saved_tensors
-        spans, causal, group = ctx.spans, ctx.causal, ctx.group
+        spans, causal, group, gamma = ctx.spans, ctx.causal, ctx.group, ctx.gamma
         t, W, c, s = spans.rank, spans.num_ranks, spans.continues, spans.single
-        dM, dN = output_state_grads(q, log_decay, do, spans, causal)
-        inputs = leaf_inputs(q, k, v, log_decay)
-        local = backward_local(inputs, do, (S_in, R_in, None), spans, causal, ctx.chunk_size)
+        q, _, _, log_decay = ctx.leaves
+        dM, dN = output_state_grads(q.detach(), None if log_decay is None else log_decay.detach(), do, spans, causal)
+        local = grads_through([ctx.o], [do], ctx.leaves)
         # H(t) = dM_t + c_{t+1} s_t Gamma_t H(t+1), passed right to left; J mirrors it
         carry_h = t + 1 < W and c[t + 1] and s[t]
         H_next = _chain(dM, spans, group=group, rightward=False, combine=_state_out(dM, gamma, True, carry_h))
@@ -95,11 +95,11 @@ class _Lasp1Function(torch.autograd.Function):
         if not causal:
             carry_j = t >= 1 and c[t] and s[t]
             J_prev = _chain(dN, spans, group=group, rightward=True, combine=_state_out(dN, gamma, True, carry_j))
-        dE, dF, dg = state_input_grads(S_in, R_in, H_next, J_prev, gamma, spans)
-        with torch.enable_grad():
-            E, F, g = local_states(inputs[1], inputs[2], inputs[3], spans, causal)
-            remote = grads_through([E, F, g], [dE, dF, dg], inputs)
-        return (*sum_grads(local, remote, like=(q, k, v, log_decay)), None, None, None, None)
+        dE, dF, dg = state_input_grads(ctx.S_in, ctx.R_in, H_next, J_prev, gamma, spans)
+        remote = grads_through(list(ctx.states), [dE, dF, dg], ctx.leaves)
+        grads = sum_grads(local, remote, like=ctx.leaves)
+        del ctx.leaves, ctx.states, ctx.o
+        return (*grads, None, None, None, None)
 
 
 def _check_same_documents(spans: RankSpans, group: Group, device) -> None:

@@ -8,7 +8,7 @@ import zlib
 import torch
 
 from parallel import lasp2
-from parallel.linear_attention import chunk_linear_attention, linear_attention_recurrent
+from parallel.linear_attention import linear_attention_recurrent
 
 H, DK, DV = 2, 3, 4
 
@@ -25,28 +25,29 @@ def simulate_lasp2(q, k, v, log_decay, cu_seqlens, *, W: int, causal: bool, do: 
     T = q.shape[1] // W
     spans = [lasp2.rank_spans(cu_seqlens, num_ranks=W, rank=r, local_len=T) for r in range(W)]
     shards = [[shard(x, W, r) for x in (q, k, v, log_decay)] for r in range(W)]
+    leaves = [[None if x is None else x.detach().requires_grad_() for x in s] for s in shards]
 
-    # forward
-    pre = [lasp2.forward_pre(s[1], s[2], s[3], spans[r], causal) for r, s in enumerate(shards)]
-    payload_W = torch.stack([p for p, _ in pre])
+    # forward: each rank's pre-gather phase, the gather (a stack), each rank's post-gather phase
+    pre = [lasp2.forward_pre(leaves[r], spans[r], causal) for r in range(W)]
+    payload_W = torch.stack([payload for payload, _ in pre])
     outs, saved = [], []
-    for r, (qr, kr, vr, ar) in enumerate(shards):
-        o_intra, _ = chunk_linear_attention(
-            qr, kr, vr, causal=causal, log_decay=ar, cu_seqlens=spans[r].local_cu_seqlens, chunk_size=chunk_size
-        )
-        o_r, saved_r = lasp2.forward_post(qr, ar, o_intra, payload_W, pre[r][1], spans[r])
+    for r in range(W):
+        o_intra = lasp2.forward_intra(leaves[r], spans[r], causal, chunk_size)
+        o_r, saved_r = lasp2.forward_post(leaves[r], o_intra, payload_W, pre[r][1], spans[r])
         outs.append(o_r)
         saved.append(saved_r)
 
-    # backward
+    # backward, the same way
     do_shards = [shard(do, W, r) for r in range(W)]
-    dMN_W = torch.stack([lasp2.backward_pre(s[0], s[3], do_shards[r], spans[r], causal) for r, s in enumerate(shards)])
+    dMN_W = torch.stack(
+        [lasp2.backward_pre(lv[0], lv[3], do_shards[r], spans[r], causal) for r, lv in enumerate(leaves)]
+    )
     grads = []
-    for r, s in enumerate(shards):
-        inputs = [None if x is None else x.detach().requires_grad_() for x in s]
-        local = lasp2.backward_local(inputs, do_shards[r], saved[r], spans[r], causal, chunk_size)
-        remote = lasp2.backward_post(inputs, dMN_W, saved[r], spans[r], causal)
-        grads.append(lasp2.sum_grads(local, remote, like=s))
+    for r in range(W):
+        local = lasp2.grads_through([outs[r]], [do_shards[r]], leaves[r])
+        remote = lasp2.backward_post(leaves[r], pre[r][1], dMN_W, saved[r], spans[r], causal)
+        grads.append(lasp2.sum_grads(local, remote, like=leaves[r]))
+    outs = [o.detach() for o in outs]
     dq, dk, dv = (torch.cat([g[i] for g in grads], dim=1) for i in range(3))
     if log_decay is None:
         da = None

@@ -466,3 +466,15 @@ def test_bad_call_options_raise():
         chunk_linear_attention(q, k, v, chunk_size=0)
     with pytest.raises(ValueError, match="log_decay"):
         linear_attention(q, k, v, log_decay=torch.ones(2, dtype=torch.float64))
+
+
+def test_backend_choice_is_validated():
+    q = torch.randn(1, 4, 2, 3)
+    with pytest.raises(ValueError, match="backend must be"):
+        chunk_linear_attention(q, q, q, backend="triton")
+    with pytest.raises(ValueError, match="backend='fla' needs CUDA"):
+        chunk_linear_attention(q, q, q, backend="fla")
+    # auto on CPU is the pure-torch kernel
+    o_auto, _ = chunk_linear_attention(q, q, q, backend="auto")
+    o_torch, _ = chunk_linear_attention(q, q, q, backend="torch")
+    assert torch.equal(o_auto, o_torch)

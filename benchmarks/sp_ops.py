@@ -1,0 +1,224 @@
+"""Sequence-parallel attention ops side by side on gloo processes: forward + backward wall time
+and bytes per rank of LASP-2 vs LASP-1 vs Ulysses (linear attention) and LASP-2H vs Ulysses
+(softmax attention), for W ranks and growing total lengths.
+
+    python benchmarks/sp_ops.py [--quick] [--world-sizes 2 4] [--out-dir DIR]
+    seqmoe bench sp [--quick]
+
+Each configuration runs every method in the same processes, interleaved repeat by repeat, so
+that they share the machine's conditions. A repeat's time is the slowest rank's (the step ends
+when the last rank does). Writes sp_ops.json and sp_ops.png under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from parallel import comm  # noqa: E402
+from parallel.context import ParallelContext  # noqa: E402
+from parallel.lasp2 import lasp2_attention  # noqa: E402
+from parallel.ring import lasp1_attention  # noqa: E402
+from parallel.softmax_sp import allgather_attention  # noqa: E402
+from parallel.ulysses import ulysses_attention, ulysses_linear_attention  # noqa: E402
+
+H, D = 4, 64
+
+
+def linear_methods(group, log_decay):
+    return {
+        "LASP-2": lambda q, k, v: lasp2_attention(q, k, v, group=group, log_decay=log_decay),
+        "LASP-1": lambda q, k, v: lasp1_attention(q, k, v, group=group, log_decay=log_decay, check_documents=False),
+        "Ulysses": lambda q, k, v: ulysses_linear_attention(q, k, v, group=group, log_decay=log_decay),
+    }
+
+
+def softmax_methods(group):
+    return {
+        "LASP-2H": lambda q, k, v: allgather_attention(q, k, v, group=group),
+        "Ulysses": lambda q, k, v: ulysses_attention(q, k, v, group=group),
+    }
+
+
+def _one_repeat(ctx, fn, q, k, v, do) -> tuple[float, dict]:
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    dist.barrier(group=ctx.world)
+    with comm.CommMeter() as meter:
+        start = time.perf_counter()
+        fn(*leaves).backward(do)
+        elapsed = time.perf_counter() - start
+    slowest = torch.tensor([elapsed], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=ctx.world)
+    return slowest.item(), meter.summary()
+
+
+def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
+    W, T = ctx.world_size, total_len // ctx.world_size
+    g = torch.Generator().manual_seed(1000 + ctx.rank)
+    q = torch.randn(1, T, H, D, generator=g) / D**0.5
+    k = torch.randn(1, T, H, D, generator=g) / D**0.5
+    v = torch.randn(1, T, H, D, generator=g)
+    do = torch.randn(1, T, H, D, generator=g)
+    log_decay = -torch.linspace(0.001, 0.05, H)
+    methods = linear_methods(ctx.world, log_decay) if kind == "linear" else softmax_methods(ctx.world)
+    times = {name: [] for name in methods}
+    volumes = {}
+    for fn in methods.values():  # warm-up, also of gloo's connections
+        _one_repeat(ctx, fn, q, k, v, do)
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            elapsed, summary = _one_repeat(ctx, fn, q, k, v, do)
+            times[name].append(elapsed)
+            volumes[name] = summary
+    return [
+        {
+            "kind": kind,
+            "method": name,
+            "world_size": W,
+            "total_len": total_len,
+            "median_s": statistics.median(samples),
+            "min_s": min(samples),
+            "samples_s": samples,
+            "bytes_sent_per_rank": sum(c["bytes_sent"] for c in volumes[name].values()),
+            "bytes_received_per_rank": sum(c["bytes_received"] for c in volumes[name].values()),
+            "collectives": volumes[name],
+        }
+        for name, samples in times.items()
+    ]
+
+
+def _worker(rank: int, world_size: int, store: str, plan: list, repeats: int, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    # ranks share the machine's cores: one intra-op thread each, as a rank per core would have
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    ctx = ParallelContext.initialize(backend="gloo", device="cpu", init_method=f"file://{store}")
+    rows = []
+    for kind, total_len in plan:
+        rows += _measure(ctx, kind, total_len, repeats)
+        if rank == 0:
+            for row in rows[-(3 if kind == "linear" else 2) :]:
+                print(
+                    f"W={world_size} {kind:>7} T={total_len:>6} {row['method']:>8}: "
+                    f"{row['median_s'] * 1e3:9.1f} ms  {row['bytes_sent_per_rank'] / 2**20:8.3f} MiB sent/rank",
+                    flush=True,
+                )
+    if rank == 0:
+        queue.put(rows)
+    ctx.destroy()
+
+
+def run_world(world_size: int, plan: list, repeats: int) -> list[dict]:
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            spawn.Process(target=_worker, args=(r, world_size, os.path.join(tmp, "store"), plan, repeats, queue))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        rows = queue.get()
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise RuntimeError(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """LASP-1 / LASP-2 time ratio per (W, T): > 1 means LASP-2 is faster."""
+    ratios = {}
+    for row in rows:
+        if row["method"] == "LASP-2":
+            ring = next(
+                r
+                for r in rows
+                if r["method"] == "LASP-1"
+                and r["world_size"] == row["world_size"]
+                and r["total_len"] == row["total_len"]
+            )
+            ratios[f"W={row['world_size']},T={row['total_len']}"] = ring["median_s"] / row["median_s"]
+    return {"lasp1_over_lasp2_time": ratios}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["world_size"] for r in rows})
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5 * len(sizes), 7), squeeze=False)
+    for col, W in enumerate(sizes):
+        for kind, style in (("linear", "-"), ("softmax", "--")):
+            for method in sorted({r["method"] for r in rows if r["kind"] == kind}):
+                mine = sorted(
+                    (r for r in rows if r["world_size"] == W and r["kind"] == kind and r["method"] == method),
+                    key=lambda r: r["total_len"],
+                )
+                if not mine:
+                    continue
+                label = f"{kind}: {method}"
+                xs = [r["total_len"] for r in mine]
+                axes[0][col].plot(xs, [r["median_s"] * 1e3 for r in mine], style, marker="o", label=label)
+                axes[1][col].plot(xs, [r["bytes_sent_per_rank"] / 2**20 for r in mine], style, marker="o", label=label)
+        axes[0][col].set_title(f"W = {W} gloo ranks: fwd+bwd time")
+        axes[0][col].set_ylabel("ms (slowest rank, median)")
+        axes[1][col].set_title(f"W = {W}: bytes sent per rank")
+        axes[1][col].set_ylabel("MiB")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("total sequence length")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two lengths per kind, three repeats")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    if args.quick:
+        linear, softmax, repeats = [4096, 16384], [4096, 8192], 3
+    else:
+        linear, softmax, repeats = [4096, 8192, 16384, 32768, 65536], [4096, 8192, 16384], 5
+    plan = [("linear", n) for n in linear] + [("softmax", n) for n in softmax]
+    rows = []
+    for W in args.world_sizes:
+        rows += run_world(W, plan, repeats)
+    config = {
+        "heads": H,
+        "head_dim": D,
+        "batch": 1,
+        "dtype": "float32",
+        "decay": "per-head (linear)",
+        "repeats": repeats,
+        "world_sizes": args.world_sizes,
+        "quick": args.quick,
+    }
+    payload = {"machine": machine_info(), "config": config, "summary": summarise(rows), "rows": rows}
+    path = write_json("sp_ops", payload, args.out_dir)
+    plot(rows, args.out_dir / "sp_ops.png")
+    for key, ratio in payload["summary"]["lasp1_over_lasp2_time"].items():
+        print(f"LASP-1 time / LASP-2 time at {key}: {ratio:.2f}")
+    print(f"wrote {path} and {args.out_dir / 'sp_ops.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""LASP-2H: sequence-parallel softmax attention by an all-gather of K and V.
+
+Layout: tensors are ``[B, T, H, D]``; in an SP group of W ranks, group rank r holds tokens
+``[r*T, (r+1)*T)`` of the packed sequence (every rank the same T). k and v may have fewer heads
+than q (GQA): query head h uses k/v head ``h // (H_q / H_kv)``, as torch SDPA's ``enable_gqa``.
+
+Maths, for the local queries Q_r of rank r and the gathered K, V of all N = W*T tokens::
+
+    O_r = softmax(scale * Q_r K^T + M_r) V,      scale = 1/sqrt(D) by default
+    M_r[i, j] = 0 if key j is visible to the query at global position p = r*T + i, else -inf
+    visible(p, j) = doc(j) == doc(p) and (j <= p if causal)
+
+so the causal mask is aligned bottom-right (torch SDPA's ``is_causal`` aligns top-left when the
+query and key lengths differ, hence the explicit mask). ``doc`` comes from ``cu_seqlens``, the
+boundaries of the documents packed into the whole sequence. Only the keys a query block can see
+are used: ``[start of the first query's document, end of the visible range)``. A query always
+sees its own key, so no softmax row is empty, causal or not.
+
+Backward: dQ_r is local; each rank's K, V gradient covers all N tokens, and the owner of a
+token needs the sum over ranks, so the dual of the all-gather is a reduce-scatter of [dK, dV]
+(``comm.all_gather``'s autograd backward).
+
+Communication per rank and call, with n = B*T*H_kv*(D + D_v)*elem_bytes the local K/V bytes
+(k and v travel as one concatenated tensor):
+
+* forward all-gather of K|V: (W-1)*n sent and (W-1)*n received;
+* backward reduce-scatter of dK|dV: (W-1)*n sent and (W-1)*n received;
+* forward agreement check: an all-gather of 12 int64 (a validity flag and a fingerprint of the
+  shapes, dtype, causal, scale and cu_seqlens), (W-1)*96 bytes each way. Every rank raises the
+  same ValueError when any rank's inputs are invalid or the ranks disagree, so a bad input can
+  never leave the other ranks waiting in the K/V gather. Reading the result is a host sync,
+  which costs little right before the K/V gather that the compute waits for anyway.
+
+Memory: the gathered K/V buffer holds W*n bytes (O(N)); the boolean mask of the visible key
+window is (H_q/H_kv)*T*window bytes (the query heads of a GQA group are folded into the query
+axis so that K/V are never repeated).
+Numerics: torch SDPA keeps the softmax in fp32 for bf16/fp16 inputs (fused kernels accumulate
+in fp32; the math backend upcasts unless ``allow_fp16_bf16_reduction_math_sdp`` is set).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import struct
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from parallel import comm
+from parallel.comm import Group
+
+__all__ = [
+    "allgather_attention",
+    "allgather_attention_local",
+    "check_group_agreement",
+    "check_shards_agree",
+    "packed_attention",
+    "shard_fingerprint",
+    "validate_attention_shards",
+    "validate_packed_cu_seqlens",
+]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tensors(q: object, k: object, v: object) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be rank-4 [batch, tokens, heads, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the same dtype as q: q is {q.dtype}, {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q: q is on {q.device}, {name} on {t.device}")
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, *, same_tokens: bool) -> None:
+    """Batch, heads and head dims agree; with ``same_tokens`` k/v also hold q's token count."""
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must have the same [batch, tokens, heads]: k has {tuple(k.shape[:3])}, v has {tuple(v.shape[:3])}"
+        )
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have the same batch as q: q has {q.shape[0]}, k has {k.shape[0]}")
+    if same_tokens and k.shape[1] != q.shape[1]:
+        raise ValueError(f"k/v must have the same local tokens as q: q has {q.shape[1]}, k has {k.shape[1]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must have the same head dim as q: q has {q.shape[3]}, k has {k.shape[3]}")
+    if q.shape[1] == 0:
+        raise ValueError(f"q must hold at least one token, got shape {tuple(q.shape)}")
+    num_q_heads, num_kv_heads = q.shape[2], k.shape[2]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads}) for grouped-query attention"
+        )
+
+
+def _resolve_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None (1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def validate_packed_cu_seqlens(cu_seqlens: object, *, batch: int, total_tokens: int) -> list[int] | None:
+    """Check the packed sequence's document boundaries ``[0, ..., total_tokens]``; return them as ints."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, Tensor):
+        raise ValueError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [num_docs + 1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must have an integer dtype (int32 or int64), got {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens requires batch size 1 (documents are packed along tokens), got batch {batch}")
+    bounds = cu_seqlens.tolist()
+    if len(bounds) < 2:
+        raise ValueError(f"cu_seqlens must have at least 2 entries [0, ..., {total_tokens}], got {bounds}")
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents), got {bounds}")
+    if bounds[-1] != total_tokens:
+        raise ValueError(
+            f"cu_seqlens must end at the packed sequence's length {total_tokens} (group size x local tokens), "
+            f"got {bounds[-1]}"
+        )
+    return bounds
+
+
+def validate_attention_shards(
+    q: object, k: object, v: object, *, group_size: int, cu_seqlens: object, scale: object
+) -> tuple[list[int] | None, float]:
+    """Rank-local checks of one shard; returns (document boundaries as ints or None, scale)."""
+    _check_tensors(q, k, v)
+    _check_shapes(q, k, v, same_tokens=True)
+    bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q.shape[0], total_tokens=group_size * q.shape[1])
+    return bounds, _resolve_scale(scale, q.shape[3])
+
+
+# ----------------------------------------------------------------------------- cross-rank agreement
+
+
+def _fingerprint_names(extra_name: str) -> tuple[str, ...]:
+    return (
+        "batch",
+        "local tokens",
+        "q heads",
+        "k/v heads",
+        "qk head dim",
+        "v head dim",
+        "dtype",
+        "causal",
+        extra_name,
+        "cu_seqlens length",
+        "cu_seqlens checksum",
+    )
+
+
+def shard_fingerprint(
+    q: Tensor | None,
+    k: Tensor | None,
+    v: Tensor | None,
+    *,
+    causal: bool,
+    bounds: list[int] | None,
+    extra: tuple[str, int | float],
+) -> dict[str, int]:
+    """What every rank of a group must agree on, as ints; all zeros when q is None (invalid shard).
+
+    ``extra`` is one op-specific (name, value) pair such as the scale (a float is sent as its bits).
+    """
+    names = _fingerprint_names(extra[0])
+    if q is None or k is None or v is None:
+        return dict.fromkeys(names, 0)
+    extra_value = _float_bits(extra[1]) if isinstance(extra[1], float) else int(extra[1])
+    # crc32 of the boundaries' bytes: stable across processes (unlike hash()) and O(1) to send
+    cu = (0, 0) if bounds is None else (len(bounds), zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds)))
+    values = (*q.shape[:3], k.shape[2], q.shape[3], v.shape[3], zlib.crc32(str(q.dtype).encode()), int(causal))
+    return dict(zip(names, (*values, extra_value, *cu)))
+
+
+def check_group_agreement(
+    op: str, fields: dict[str, int], problem: str | None, *, group: Group, device: torch.device
+) -> None:
+    """Raise one ValueError on every rank of ``group`` if any rank's inputs are invalid or differ.
+
+    Every rank gathers (validity flag, fields) as int64 before raising, also a rank whose own
+    inputs are invalid: the ranks leave together, so none is left waiting in a later collective.
+    ``fields`` must have the same length on every rank.
+    """
+    if comm.group_size(group) == 1:
+        if problem is not None:
+            raise ValueError(problem)
+        return
+    local = torch.tensor([int(problem is not None), *fields.values()], dtype=torch.int64, device=device)
+    rows_W, _ = comm.dist_all_gather(local, group=group)
+    rows = rows_W.tolist()
+    if problem is not None:
+        raise ValueError(problem)
+    invalid = [rank for rank, row in enumerate(rows) if row[0]]
+    if invalid:
+        raise ValueError(f"{op}: invalid inputs on group rank(s) {invalid} (their error names the argument)")
+    for column, name in enumerate(fields, start=1):
+        values = [row[column] for row in rows]
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"{op}: the ranks of the group disagree on {name}, which must be identical on every rank; "
+                f"values by group rank: {values}"
+            )
+
+
+def check_shards_agree(
+    op: str,
+    q: object,
+    k: object,
+    v: object,
+    *,
+    causal: bool,
+    bounds: list[int] | None,
+    extra: tuple[str, int | float],
+    problem: str | None,
+    group: Group,
+) -> None:
+    """:func:`check_group_agreement` on the :func:`shard_fingerprint` of this rank's shard."""
+    valid = problem is None
+    fields = shard_fingerprint(q if valid else None, k, v, causal=causal, bounds=bounds, extra=extra)
+    device = q.device if isinstance(q, Tensor) else torch.device("cpu")
+    check_group_agreement(op, fields, problem, group=group, device=device)
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+# ----------------------------------------------------------------------------- local compute
+
+
+def _key_window(q_offset: int, T: int, S: int, causal: bool, bounds: list[int] | None) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` that the queries at ``[q_offset, q_offset + T)`` may see."""
+    first, last = q_offset, q_offset + T - 1
+    lo, hi = 0, (last + 1 if causal else S)
+    if bounds is not None:
+        lo = bounds[bisect.bisect_right(bounds, first) - 1]
+        if not causal:
+            hi = bounds[bisect.bisect_right(bounds, last)]
+    return lo, hi
+
+
+def _window_mask(
+    q_offset: int, T: int, lo: int, hi: int, *, causal: bool, bounds: list[int] | None, device: torch.device
+) -> Tensor | None:
+    """``[T, hi - lo]`` bool, True where a query sees a key; None when it sees all of them."""
+    cuts = [] if bounds is None else [b for b in bounds[1:-1] if lo < b < hi]
+    if not causal and not cuts:
+        return None
+    q_pos_T = torch.arange(q_offset, q_offset + T, device=device)
+    k_pos_S = torch.arange(lo, hi, device=device)
+    if causal:
+        visible_TS = k_pos_S[None, :] <= q_pos_T[:, None]
+    else:
+        visible_TS = torch.ones(T, hi - lo, dtype=torch.bool, device=device)
+    if cuts:
+        # document index = number of interior boundaries at or before the position
+        cuts_C = torch.tensor(cuts, dtype=torch.long, device=device)
+        q_doc_T = torch.bucketize(q_pos_T, cuts_C, right=True)
+        k_doc_S = torch.bucketize(k_pos_S, cuts_C, right=True)
+        visible_TS = visible_TS & (q_doc_T[:, None] == k_doc_S[None, :])
+    return visible_TS
+
+
+def _grouped_sdpa(q_BTHD: Tensor, k_BSKD: Tensor, v_BSKE: Tensor, mask_TS: Tensor | None, scale: float) -> Tensor:
+    B, T, H, D = q_BTHD.shape
+    K, E = k_BSKD.shape[2], v_BSKE.shape[3]
+    G = H // K
+    # the G query heads that share a k/v head are folded into the query axis, so k/v are never
+    # repeated in memory (and this needs no enable_gqa, which torch < 2.5 lacks)
+    q_BKLD = q_BTHD.permute(0, 2, 1, 3).reshape(B, K, G * T, D)
+    mask_LS = None if mask_TS is None else mask_TS.repeat(G, 1)
+    o_BKLE = F.scaled_dot_product_attention(
+        q_BKLD, k_BSKD.transpose(1, 2), v_BSKE.transpose(1, 2), attn_mask=mask_LS, scale=scale
+    )
+    return o_BKLE.reshape(B, H, T, E).transpose(1, 2).contiguous()
+
+
+def packed_attention(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKE: Tensor,
+    *,
+    q_offset: int,
+    causal: bool,
+    bounds: list[int] | None,
+    scale: float,
+) -> Tensor:
+    """Attention of T queries at global positions ``[q_offset, q_offset + T)`` over all S keys,
+    with checked arguments (``bounds``: document boundaries as ints). Returns ``[B, T, H, E]``."""
+    T, S = q_BTHD.shape[1], k_BSKD.shape[1]
+    lo, hi = _key_window(q_offset, T, S, causal, bounds)
+    mask_TS = _window_mask(q_offset, T, lo, hi, causal=causal, bounds=bounds, device=q_BTHD.device)
+    return _grouped_sdpa(q_BTHD, k_BSKD[:, lo:hi], v_BSKE[:, lo:hi], mask_TS, scale)
+
+
+def allgather_attention_local(
+    q_local: Tensor,
+    k_full: Tensor,
+    v_full: Tensor,
+    *,
+    q_offset: int,
+    causal: bool = True,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """One rank's LASP-2H compute once K/V are gathered: ``q_local`` ``[B, T, H_q, D]`` at global
+    positions ``[q_offset, q_offset + T)``, ``k_full``/``v_full`` ``[B, S, H_kv, D | D_v]`` of the
+    whole sequence, ``cu_seqlens`` its document boundaries ``[0, ..., S]``. Returns ``[B, T, H_q, D_v]``."""
+    _check_tensors(q_local, k_full, v_full)
+    _check_shapes(q_local, k_full, v_full, same_tokens=False)
+    T, S = q_local.shape[1], k_full.shape[1]
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or not 0 <= q_offset <= S - T:
+        raise ValueError(f"q_offset must be an int in [0, {S - T}] (k/v tokens {S} - q tokens {T}), got {q_offset!r}")
+    bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q_local.shape[0], total_tokens=S)
+    scale = _resolve_scale(scale, q_local.shape[3])
+    return packed_attention(q_local, k_full, v_full, q_offset=q_offset, causal=causal, bounds=bounds, scale=scale)
+
+
+# ----------------------------------------------------------------------------- the SP op
+
+
+def allgather_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: Group,
+    causal: bool = True,
+    cu_seqlens: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """LASP-2H softmax attention over the ranks of ``group`` (DESIGN.md public API).
+
+    q ``[B, T, H_q, D]``, k ``[B, T, H_kv, D]``, v ``[B, T, H_kv, D_v]`` are this rank's shard;
+    ``cu_seqlens`` (batch 1) describes the whole packed sequence ``[0, ..., W*T]`` and must be
+    identical on every rank. Returns this rank's output ``[B, T, H_q, D_v]``; gradients of k and
+    v reach their owners by a reduce-scatter.
+    """
+    size = comm.group_size(group)
+    problem, bounds, scale_value = None, None, 0.0
+    try:
+        bounds, scale_value = validate_attention_shards(q, k, v, group_size=size, cu_seqlens=cu_seqlens, scale=scale)
+    except ValueError as exc:
+        problem = f"allgather_attention: {exc}"
+    check_shards_agree(
+        "allgather_attention",
+        q,
+        k,
+        v,
+        causal=causal,
+        bounds=bounds,
+        extra=("scale", scale_value),
+        problem=problem,
+        group=group,
+    )
+    head_dim = k.shape[3]
+    kv_full = comm.all_gather(torch.cat([k, v], dim=3), group=group, dim=1)
+    k_full, v_full = kv_full.split([head_dim, v.shape[3]], dim=3)
+    q_offset = comm.group_rank(group) * q.shape[1]
+    return packed_attention(q, k_full, v_full, q_offset=q_offset, causal=causal, bounds=bounds, scale=scale_value)
