@@ -74,7 +74,7 @@ def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
     log_decay = -torch.linspace(0.001, 0.05, H)
     methods = linear_methods(ctx.world, log_decay) if kind == "linear" else softmax_methods(ctx.world)
     times = {name: [] for name in methods}
-    volumes = {}
+    volumes: dict[str, dict] = {}
     for fn in methods.values():  # warm-up, also of gloo's connections
         _one_repeat(ctx, fn, q, k, v, do)
     for _ in range(repeats):
@@ -82,6 +82,9 @@ def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
             elapsed, summary = _one_repeat(ctx, fn, q, k, v, do)
             times[name].append(elapsed)
             volumes[name] = summary
+    # ranks move different volumes (the ring's ends talk to one neighbour): report the busiest
+    per_rank: list[dict] = [None] * W
+    dist.all_gather_object(per_rank, volumes, group=ctx.world)
     return [
         {
             "kind": kind,
@@ -91,9 +94,9 @@ def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
             "median_s": statistics.median(samples),
             "min_s": min(samples),
             "samples_s": samples,
-            "bytes_sent_per_rank": sum(c["bytes_sent"] for c in volumes[name].values()),
-            "bytes_received_per_rank": sum(c["bytes_received"] for c in volumes[name].values()),
-            "collectives": volumes[name],
+            "bytes_sent_max_rank": max(sum(c["bytes_sent"] for c in v[name].values()) for v in per_rank),
+            "bytes_received_max_rank": max(sum(c["bytes_received"] for c in v[name].values()) for v in per_rank),
+            "collectives_by_rank": [v[name] for v in per_rank],
         }
         for name, samples in times.items()
     ]
@@ -108,10 +111,10 @@ def _worker(rank: int, world_size: int, store: str, plan: list, repeats: int, qu
     for kind, total_len in plan:
         rows += _measure(ctx, kind, total_len, repeats)
         if rank == 0:
-            for row in rows[-(3 if kind == "linear" else 2) :]:
+            for row in rows[-(3 if kind == "linear" else 2) :]:  # this configuration's methods
                 print(
                     f"W={world_size} {kind:>7} T={total_len:>6} {row['method']:>8}: "
-                    f"{row['median_s'] * 1e3:9.1f} ms  {row['bytes_sent_per_rank'] / 2**20:8.3f} MiB sent/rank",
+                    f"{row['median_s'] * 1e3:9.1f} ms  {row['bytes_sent_max_rank'] / 2**20:8.3f} MiB sent (max rank)",
                     flush=True,
                 )
     if rank == 0:
@@ -173,10 +176,10 @@ def plot(rows: list[dict], path: Path) -> None:
                 label = f"{kind}: {method}"
                 xs = [r["total_len"] for r in mine]
                 axes[0][col].plot(xs, [r["median_s"] * 1e3 for r in mine], style, marker="o", label=label)
-                axes[1][col].plot(xs, [r["bytes_sent_per_rank"] / 2**20 for r in mine], style, marker="o", label=label)
+                axes[1][col].plot(xs, [r["bytes_sent_max_rank"] / 2**20 for r in mine], style, marker="o", label=label)
         axes[0][col].set_title(f"W = {W} gloo ranks: fwd+bwd time")
         axes[0][col].set_ylabel("ms (slowest rank, median)")
-        axes[1][col].set_title(f"W = {W}: bytes sent per rank")
+        axes[1][col].set_title(f"W = {W}: bytes sent by the busiest rank")
         axes[1][col].set_ylabel("MiB")
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xscale("log", base=2)
@@ -193,11 +196,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two lengths per kind, three repeats")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--linear-lengths", type=int, nargs="*", help="total lengths for linear attention")
+    parser.add_argument("--softmax-lengths", type=int, nargs="*", help="total lengths for softmax attention")
+    parser.add_argument("--repeats", type=int)
     args = parser.parse_args()
     if args.quick:
         linear, softmax, repeats = [4096, 16384], [4096, 8192], 3
     else:
-        linear, softmax, repeats = [4096, 8192, 16384, 32768, 65536], [4096, 8192, 16384], 5
+        linear, softmax, repeats = [1024, 4096, 8192, 16384, 32768, 65536], [1024, 4096, 8192, 16384], 5
+    linear = linear if args.linear_lengths is None else args.linear_lengths
+    softmax = softmax if args.softmax_lengths is None else args.softmax_lengths
+    repeats = args.repeats or repeats
+    for n in linear + softmax:
+        if any(n % W for W in args.world_sizes):
+            parser.error(f"length {n} is not divisible by every world size {args.world_sizes}")
     plan = [("linear", n) for n in linear] + [("softmax", n) for n in softmax]
     rows = []
     for W in args.world_sizes:

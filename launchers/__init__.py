@@ -1,0 +1,1 @@
+"""torchrun, Slurm and mpirun launchers: not implemented yet (see README, Status)."""

@@ -1,0 +1,1 @@
+"""MoE layers, routers and balance losses: not implemented yet (see README, Status)."""

@@ -1,0 +1,1 @@
+"""Configuration, CLI and (to come) the training runtime."""

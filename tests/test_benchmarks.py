@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end on tiny sizes and write well-formed JSON + PNG.
+(No timing is asserted: benchmarks are not tests.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_sp_ops_benchmark_writes_its_results(tmp_path):
+    cmd = [
+        sys.executable,
+        "benchmarks/sp_ops.py",
+        "--world-sizes",
+        "2",
+        "--linear-lengths",
+        "256",
+        "--softmax-lengths",
+        "128",
+        "--repeats",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "sp_ops.json").read_text())
+    assert (tmp_path / "sp_ops.png").stat().st_size > 0
+    assert {"machine", "config", "summary", "rows"} <= set(result)
+    assert result["machine"]["git_revision"]
+    methods = {(r["kind"], r["method"]) for r in result["rows"]}
+    assert methods == {
+        ("linear", "LASP-2"),
+        ("linear", "LASP-1"),
+        ("linear", "Ulysses"),
+        ("softmax", "LASP-2H"),
+        ("softmax", "Ulysses"),
+    }
+    lasp2 = next(r for r in result["rows"] if r["method"] == "LASP-2")
+    # B=1, H=4, d=64 fp32 state; forward (+8-byte fingerprint) and backward, one peer
+    assert lasp2["bytes_sent_max_rank"] == (4 * 64 * 64 + 2) * 4 + 4 * 64 * 64 * 4
+    assert "W=2,T=256" in result["summary"]["lasp1_over_lasp2_time"]
+
+
+def test_bench_rejects_lengths_that_do_not_split(tmp_path):
+    cmd = [
+        sys.executable,
+        "benchmarks/sp_ops.py",
+        "--world-sizes",
+        "3",
+        "--linear-lengths",
+        "256",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not divisible" in result.stderr
+
+
+def test_linear_kernels_benchmark_runs_on_cpu(tmp_path):
+    cmd = [sys.executable, "benchmarks/linear_kernels.py", "--quick", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "linear_kernels.json").read_text())
+    assert result["config"]["device"] in ("cpu", "cuda") and result["rows"]
+    assert (tmp_path / "linear_kernels.png").stat().st_size > 0
