@@ -100,6 +100,17 @@ def rank_spans(cu_seqlens: Tensor | None, *, num_ranks: int, rank: int, local_le
     return RankSpans(num_ranks, rank, local_len, continues, single, local_cu, fingerprint)
 
 
+def shard_spans(q, k, v, *, group: Group, log_decay: Tensor | None, cu_seqlens: Tensor | None) -> RankSpans:
+    """Validate this rank's shard of a sequence-parallel linear-attention call (before any
+    collective) and derive its spans; shared by LASP-2 and the LASP-1 ring."""
+    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
+    return rank_spans(
+        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Rank-local pieces (differentiable; no communication).
 # --------------------------------------------------------------------------------------------
@@ -330,14 +341,19 @@ def forward_pre(leaves, spans: RankSpans, causal: bool):
     return payload, (E, F, g)
 
 
-def forward_intra(leaves, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
-    """The intra-rank output, which needs no remote data (runs while the gather is in flight)."""
-    q, k, v, log_decay = leaves
-    with torch.enable_grad():
-        o, _ = chunk_linear_attention(
-            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-        )
+def local_attention(q, k, v, log_decay, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
+    """Attention among this rank's own tokens (all of it when the group has one rank)."""
+    o, _ = chunk_linear_attention(
+        q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+    )
     return o
+
+
+def forward_intra(leaves, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
+    """The intra-rank output with its graph; needs no remote data, so it runs while the gather
+    is in flight."""
+    with torch.enable_grad():
+        return local_attention(*leaves, spans, causal, chunk_size)
 
 
 def forward_post(leaves, o_intra, payload_W, states, spans: RankSpans):
@@ -434,14 +450,7 @@ def lasp2_attention(
     Returns ``[B, T, H, dv]``: this rank's shard of the output, equal to the single-device
     ``linear_attention`` of the whole sequence.
     """
-    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
-    spans = rank_spans(
-        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
-    )
+    spans = shard_spans(q, k, v, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
     if spans.num_ranks == 1:
-        return chunk_linear_attention(
-            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-        )[0]
+        return local_attention(q, k, v, log_decay, spans, causal, chunk_size)
     return _Lasp2Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)

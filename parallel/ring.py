@@ -26,12 +26,12 @@ from parallel.lasp2 import (
     grads_through,
     inter_output,
     leaf_inputs,
+    local_attention,
     output_state_grads,
-    rank_spans,
+    shard_spans,
     state_input_grads,
     sum_grads,
 )
-from parallel.linear_attention import chunk_linear_attention, validate_linear_attention_inputs
 
 __all__ = ["lasp1_attention"]
 
@@ -130,16 +130,9 @@ def lasp1_attention(
 
     ``check_documents=False`` skips the extra 8-byte all-gather that verifies cu_seqlens agree
     across ranks (benchmarks use it to time the ring alone)."""
-    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
-    spans = rank_spans(
-        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
-    )
+    spans = shard_spans(q, k, v, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
     if spans.num_ranks == 1:
-        return chunk_linear_attention(
-            q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-        )[0]
+        return local_attention(q, k, v, log_decay, spans, causal, chunk_size)
     if check_documents and cu_seqlens is not None:
         _check_same_documents(spans, group, q.device)
     return _Lasp1Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)

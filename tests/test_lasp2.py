@@ -169,3 +169,10 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="batch size 1"):
         x = torch.randn(2, 4, H, DK)
         lasp2_attention(x, x, torch.randn(2, 4, H, DV), group=comm.SOLO, cu_seqlens=torch.tensor([0, 2, 4]))
+
+
+def test_single_rank_respects_no_grad():
+    q = torch.randn(1, 5, H, DK, requires_grad=True)
+    with torch.no_grad():
+        o = lasp2_attention(q, q, torch.randn(1, 5, H, DV), group=comm.SOLO)
+    assert not o.requires_grad
