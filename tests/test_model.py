@@ -1,0 +1,96 @@
+"""The hybrid model is the same function on any SP group: logits and parameter gradients over
+W gloo ranks equal the single-device model's (fp32, <= 1e-5 relative; the gradients of the
+replicated parameters are summed over ranks, as the runtime's all-reduce does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.config import ModelConfig, ParallelConfig
+from runtime.model import SPBatch, build_model, layer_kinds, positions_in_documents
+from tests.distributed import run_on_ranks
+
+FP32_TOL = 1e-5
+
+
+def tiny_config(decay: str = "per_head") -> ModelConfig:
+    return ModelConfig(
+        layer_pattern="LS",
+        num_layers=2,
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden=48,
+        ffn="dense",
+        linear_decay=decay,
+        vocab_size=256,
+    )
+
+
+def loss_and_grads(model, tokens, targets, batch):
+    model.zero_grad()
+    logits = model(tokens, batch)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _setup(decay, linear_sp, softmax_sp, total):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(decay), ParallelConfig(linear_sp=linear_sp, softmax_sp=softmax_sp))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (1, total), generator=g)
+    targets = torch.randint(0, 256, (1, total), generator=g)
+    cu = torch.tensor([0, 5, total // 2 + 1, total - 3, total])
+    return model, tokens, targets, cu
+
+
+def _run_sharded(ctx, decay, linear_sp, softmax_sp, total):
+    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total)
+    W, r = ctx.world_size, ctx.rank
+    T = total // W
+    local = slice(r * T, (r + 1) * T)
+    batch = SPBatch(ctx.world, cu, r * T)
+    return loss_and_grads(model, tokens[:, local], targets[:, local], batch)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize(
+    "decay,linear_sp,softmax_sp",
+    [
+        ("per_head", "lasp2", "allgather"),
+        ("per_token", "lasp2", "allgather"),
+        ("per_head", "lasp1", "ulysses"),
+        ("none", "ulysses", "allgather"),
+    ],
+)
+def test_sharded_model_equals_single_device(W, decay, linear_sp, softmax_sp):
+    total = 24
+    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total)
+    ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPBatch.single(cu))
+    results = run_on_ranks(W, _run_sharded, decay, linear_sp, softmax_sp, total)
+    logits = torch.cat([res[0] for res in results], dim=1)
+    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() <= FP32_TOL
+    for name, ref in ref_grads.items():
+        summed = sum(res[1][name] for res in results)
+        err = ((summed - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert err <= FP32_TOL, f"{name}: {err:.2e}"
+
+
+def test_positions_restart_in_every_document():
+    cu = torch.tensor([0, 3, 7, 10])
+    pos = positions_in_documents(SPBatch(None, cu, 4), 5, "cpu")
+    assert pos.tolist() == [1, 2, 3, 0, 1]  # global tokens 4..8: doc [3,7) then doc [7,10)
+    assert positions_in_documents(SPBatch.single(), 3, "cpu").tolist() == [0, 1, 2]
+
+
+def test_layer_pattern_repeats_to_num_layers():
+    config = ModelConfig(layer_pattern="LLS", num_layers=5, ffn="dense")
+    assert layer_kinds(config) == ["L", "L", "S", "L", "L"]
+
+
+def test_moe_ffn_is_a_clear_error_until_it_lands():
+    with pytest.raises(ValueError, match="--model.ffn=dense"):
+        build_model(ModelConfig(ffn="moe"), ParallelConfig())
