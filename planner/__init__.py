@@ -1,1 +1,13 @@
-"""Per-step SP planning by linear programming: not implemented yet (see README, Status)."""
+"""Per-step heterogeneity-adaptive SP planning by linear programming (FlexSP, extended).
+
+``plan_step(lengths, num_ranks=..., cost=CostModel.preset(...))`` turns a global batch of
+sequence lengths into a :class:`StepPlan`: micro-batches of SP groups of mixed power-of-two
+degrees. ``planner.baselines`` has static-degree and batch-adaptive plans for comparison;
+``planner.async_plan.AsyncPlanner`` plans the next step in the background.
+"""
+
+from planner.cost import CostModel
+from planner.plan import Group, MicroBatch, StepPlan
+from planner.solver import plan_step
+
+__all__ = ["CostModel", "Group", "MicroBatch", "StepPlan", "plan_step"]

@@ -28,8 +28,6 @@ BENCH_SUITES = {
 NOT_YET = {
     "train": "training (runtime/: model, data, train loop, checkpoints)",
     "launch": "launchers (launchers/: torchrun, Slurm, mpirun)",
-    "plan": "the planner (planner/: per-step SP planning by linear programming)",
-    "profile": "cost-model calibration (planner/cost.py)",
 }
 
 
@@ -62,8 +60,94 @@ def _cmd_needs_config(args: argparse.Namespace, overrides: list[str]) -> int:
     return _not_available(args.command)
 
 
-def _cmd_plan_or_profile(args: argparse.Namespace, overrides: list[str]) -> int:
-    return _not_available(args.command)
+def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
+    from planner.profile import profile_cost_model
+
+    config = load_config(args.config, overrides)
+    nproc = args.nproc or config.launch.nproc_per_node
+    try:
+        result = profile_cost_model(config, world_size=nproc, lengths=args.lengths, repeats=args.repeats)
+    except ValueError as exc:
+        print(f"seqmoe profile: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'degree':>6} {'length':>7} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+    for p in result.points:
+        print(
+            f"{p['degree']:>6} {p['length']:>7} {p['measured_ms']:>12.1f} {p['predicted_ms']:>13.1f} "
+            f"{p['rel_error']:>+7.1%}"
+        )
+    bandwidth = ", ".join(f"d={d}: {bw:.2f} GB/s" for d, bw in sorted(result.bandwidth_gbps.items()))
+    print(f"all-gather bandwidth: {bandwidth or 'n/a (one process)'}")
+    print(f"fit: mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(result.cost.to_json())
+    tmp.replace(out)  # never leave a half-written cost model where the planner would read it
+    print(f"wrote {out} (use it with: seqmoe plan --cost {out})")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    # imported here: numpy, PuLP and matplotlib are not needed by the other subcommands
+    from planner.distributions import DEFAULT_CAP
+    from planner.dryrun import DryRunError, DryRunSpec, run_plan_command
+
+    if args.lengths_file is not None and (args.cap is not None or args.seed is not None):
+        print(
+            "seqmoe plan: --seed and --cap apply to built-in distributions; ignored with --lengths-file",
+            file=sys.stderr,
+        )
+
+    spec = DryRunSpec(
+        lengths_file=args.lengths_file,
+        distribution=args.distribution or "wikipedia",
+        seed=args.seed or 0,
+        cap=DEFAULT_CAP if args.cap is None else args.cap,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        num_ranks=args.num_ranks,
+        cost=args.cost,
+        time_limit_s=args.time_limit,
+    )
+    try:
+        run_plan_command(spec, as_json=args.json, plot=args.plot, all_groups=args.all_groups, out=sys.stdout)
+    except DryRunError as exc:
+        print(f"seqmoe plan: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_plan_args(plan: argparse.ArgumentParser) -> None:
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument(
+        "--lengths-file",
+        type=Path,
+        metavar="PATH",
+        help="one token count per line, or JSONL with a `length` field or a `text` field (UTF-8 bytes = tokens)",
+    )
+    source.add_argument(
+        "--distribution",
+        metavar="NAME",
+        help="built-in length distribution: wikipedia (default), commoncrawl, github, python-stdlib",
+    )
+    plan.add_argument("--seed", type=int, help="seed of the built-in distribution (default 0)")
+    plan.add_argument("--cap", type=int, help="longest length a distribution draws (default 192K = 196,608 tokens)")
+    plan.add_argument("--batch-size", type=int, default=512, help="sequences per step (default 512, as FlexSP)")
+    plan.add_argument("--steps", type=int, default=1, help="steps to plan (default 1)")
+    plan.add_argument("--num-ranks", type=int, default=64, help="GPUs, a power of two (default 64)")
+    plan.add_argument(
+        "--cost",
+        default="flexsp-gpt7b-a100",
+        metavar="PRESET|PATH",
+        help="cost-model preset (flexsp-gpt7b-a100, hybrid-1b-h100, tiny-cpu) or JSON file (default flexsp-gpt7b-a100)",
+    )
+    plan.add_argument("--time-limit", type=float, default=1.0, metavar="S", help="solver time limit per step")
+    plan.add_argument("--json", action="store_true", help="print plans and the comparison as JSON on stdout")
+    plan.add_argument(
+        "--all-groups", action="store_true", help="one table row per SP group (default: one per degree and micro-batch)"
+    )
+    plan.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG timeline of each step's SP groups")
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -101,11 +185,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(launch)
     launch.set_defaults(handler=_cmd_needs_config, takes_overrides=True)
 
-    plan = sub.add_parser("plan", help="dry-run the per-step planner on a length distribution (no GPU needed)")
-    plan.set_defaults(handler=_cmd_plan_or_profile, takes_overrides=False)
+    plan = sub.add_parser(
+        "plan",
+        help="dry-run the per-step planner on a length distribution (no GPU needed)",
+        description="Plan each step's SP groups for a batch of sequence lengths and compare the predicted step "
+        "time with static SP (smallest degree that fits) and batch-adaptive SP. No GPU needed.",
+    )
+    _add_plan_args(plan)
+    plan.set_defaults(handler=_cmd_plan, takes_overrides=False)
 
     profile = sub.add_parser("profile", help="measure this machine and fit a cost model for the planner")
-    profile.set_defaults(handler=_cmd_plan_or_profile, takes_overrides=False)
+    _add_config_args(profile)
+    profile.add_argument("--nproc", type=int, help="processes to profile on (default: launch.nproc_per_node)")
+    profile.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[512, 1024, 2048, 4096],
+        help="sequence lengths to time (multiples of --nproc)",
+    )
+    profile.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median is used)")
+    profile.add_argument("--out", default="cost-model.json", help="where to write the fitted cost model (JSON)")
+    profile.set_defaults(handler=_cmd_profile, takes_overrides=True)
 
     bench = sub.add_parser("bench", help="run a benchmark suite; writes JSON + PNG under benchmarks/results/")
     bench.add_argument(

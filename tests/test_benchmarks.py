@@ -69,3 +69,29 @@ def test_linear_kernels_benchmark_runs_on_cpu(tmp_path):
     result = json.loads((tmp_path / "linear_kernels.json").read_text())
     assert result["config"]["device"] in ("cpu", "cuda") and result["rows"]
     assert (tmp_path / "linear_kernels.png").stat().st_size > 0
+
+
+def test_planner_benchmark_writes_its_results(tmp_path):
+    cmd = [sys.executable, "benchmarks/planner.py", "--quick", "--batches", "1", "--batch-size", "128"]
+    subprocess.run(
+        [*cmd, "--out-dir", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300
+    )
+    result = json.loads((tmp_path / "planner.json").read_text())
+    assert (tmp_path / "planner.png").stat().st_size > 0
+    assert {"machine", "config", "summary", "rows"} <= set(result)
+    assert result["config"]["num_ranks"] == 64 and result["config"]["batch_size"] == 128
+    # every cost model x distribution, one batch each
+    cases = {(r["cost_model"], r["distribution"]) for r in result["rows"]}
+    assert cases == {
+        (c, d) for c in ("flexsp-gpt7b-a100", "hybrid-1b-h100") for d in ("wikipedia", "github", "commoncrawl")
+    }
+    for row in result["rows"]:
+        assert row["speedup_vs_static"] == pytest.approx(row["static_time_s"] / row["predicted_time_s"])
+        assert row["speedup_vs_batch_adaptive"] > 0 and row["plan_wall_s"] > 0 and row["gap_to_lower_bound"] >= -1e-9
+    summary = result["summary"]["flexsp-gpt7b-a100"]
+    assert {"all", "wikipedia", "github", "commoncrawl"} <= set(summary)
+    assert {"plan_wall_s", "speedup_vs_static", "speedup_vs_batch_adaptive", "gap_to_lower_bound"} <= set(
+        summary["all"]
+    )
+    # GPT-7B on 64 A100s: only SP=64 holds a 192K-token sequence
+    assert summary["all"]["static_degree"] == 64

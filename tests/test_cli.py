@@ -45,7 +45,7 @@ def test_unknown_argument_is_a_usage_error(capsys):
     assert "--section.key=value" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["profile"], ["train"], ["launch"]])
+@pytest.mark.parametrize("argv", [["train"], ["launch"]])
 def test_unlanded_subcommands_say_so_and_fail(argv, capsys):
     assert cli.main(argv) == cli.EXIT_NOT_AVAILABLE
     assert "not available yet" in capsys.readouterr().err
@@ -61,3 +61,37 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "runtime.cli", "config", "--train.seed=5"], capture_output=True, text=True, check=True
     )
     assert "seed = 5" in result.stdout
+
+
+def test_profile_reports_bad_input_without_a_traceback(capsys):
+    assert cli.main(["profile", "--nproc", "3", "--model.ffn=dense"]) == 2
+    assert "power-of-two number of processes" in capsys.readouterr().err
+    assert cli.main(["profile", "--nproc", "2"]) == 2  # the default MoE FFN has not landed
+    assert "--model.ffn=dense" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_profile_writes_a_cost_model_the_planner_reads(tmp_path, capsys):
+    from planner.cost import CostModel
+
+    out = tmp_path / "cost.json"
+    argv = [
+        "profile",
+        "--nproc",
+        "2",
+        "--lengths",
+        "64",
+        "128",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+        "--model.ffn=dense",
+        "--model.num_layers=2",
+        "--model.layer_pattern=LS",
+        "--model.d_model=32",
+    ]
+    assert cli.main(argv) == 0
+    assert "fit: mean |error|" in capsys.readouterr().out
+    cost = CostModel.from_json(out.read_text())
+    assert cost.quad_ms >= 0 and cost.lin_ms >= 0 and cost.act_mb_per_token > 0

@@ -1,0 +1,256 @@
+"""Calibrate a cost model on the machine it runs on: ``seqmoe profile``.
+
+For every power-of-two SP degree d up to the world size and several sequence lengths s, all
+buddy groups of degree d run one packed sequence of s tokens through the real model's forward
+and backward at the same time (as in training, groups share the machine), and the slowest
+rank's time is recorded. The all-gather bandwidth of each group size is measured the same way.
+
+The communication volumes are not fitted: they follow from the model config (parallel/README.md
+gives the formulas). What remains, t_measured(s, d) - comm(s, d), is fitted by least squares to
+    beta + (alpha1 s^2 + alpha2 s) / d
+with non-negative coefficients; the report gives every point's relative error. Memory: the
+activations saved for backward are counted per token with autograd's saved-tensor hooks, model
+states follow from the parameter count and the ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from parallel import comm
+from parallel.context import ParallelContext
+from planner.cost import CostModel, zero_model_state_gb
+from runtime.config import Config
+from runtime.model import SPBatch, build_model, layer_kinds
+
+__all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "profile_cost_model"]
+
+
+@dataclass
+class ProfileResult:
+    cost: CostModel
+    points: list[dict]
+    """Each measured (degree, length): measured and predicted ms and the relative error."""
+    bandwidth_gbps: dict[int, float]
+
+    @property
+    def mean_abs_rel_error(self) -> float:
+        return statistics.fmean(abs(p["rel_error"]) for p in self.points)
+
+    @property
+    def max_abs_rel_error(self) -> float:
+        return max(abs(p["rel_error"]) for p in self.points)
+
+
+def comm_volumes(config: Config, elem_bytes: int) -> tuple[str, float, float]:
+    """(seq_comm kind, bytes per token, bytes per group) of one fwd + bwd, per the formulas of
+    parallel/README.md, for the cost model's communication terms."""
+    m, p = config.model, config.parallel
+    head_dim = m.d_model // m.num_heads
+    kinds = layer_kinds(m)
+    num_linear, num_softmax = kinds.count("L"), kinds.count("S")
+    if p.linear_sp == "ulysses" and p.softmax_sp == "allgather" and num_linear and num_softmax:
+        raise ValueError(
+            "seqmoe profile models one kind of sequence-proportional traffic per model: combine "
+            "parallel.linear_sp=ulysses with parallel.softmax_sp=ulysses, or use lasp2/lasp1 with allgather"
+        )
+    # LASP-2 / LASP-1: one fp32 state per peer per linear layer, forward and backward
+    per_group = 0.0 if p.linear_sp == "ulysses" else num_linear * 2 * m.num_heads * head_dim * head_dim * 4
+    if p.softmax_sp == "allgather":
+        # K and V of every token, forward; their gradients, backward
+        per_token = num_softmax * 2 * 2 * m.num_kv_heads * head_dim * elem_bytes
+        return "allgather", float(per_token), float(per_group)
+    # Ulysses: q, k, v, o forward and their gradients backward, all-to-all
+    width = m.num_heads * head_dim
+    per_token = (num_softmax + num_linear) * 2 * 4 * width * elem_bytes
+    return "alltoall", float(per_token), float(per_group)
+
+
+def fit_coefficients(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """(alpha1, alpha2, beta) >= 0 minimising the squared relative error of
+    beta + (alpha1 s^2 + alpha2 s)/d to the compute times ``(degree, length, ms)``."""
+    rows = np.array([[1.0, s * s / d, s / d] for d, s, _ in points])
+    target = np.array([ms for _, _, ms in points])
+    weights = 1.0 / np.maximum(target, 1e-9)  # relative error: long and short runs count alike
+    active = [0, 1, 2]
+    while True:
+        coef, *_ = np.linalg.lstsq(rows[:, active] * weights[:, None], target * weights, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(coef)))  # drop the most negative term and refit (a small NNLS)
+    full = dict(zip(active, np.maximum(coef, 0.0)))
+    return float(full.get(1, 0.0)), float(full.get(2, 0.0)), float(full.get(0, 0.0))
+
+
+def _degrees(world_size: int) -> list[int]:
+    degrees, d = [], 1
+    while d <= world_size:
+        degrees.append(d)
+        d *= 2
+    return degrees
+
+
+def _slowest(ctx: ParallelContext, seconds: float) -> float:
+    if ctx.world_size == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.world)
+    return t.item()
+
+
+def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
+    """Slowest rank's median ms of one fwd + bwd of a ``length``-token sequence per degree-d group."""
+    ranks = ctx.buddy_group_of_degree(degree)
+    group = ctx.group(ranks)
+    T = length // degree
+    g = torch.Generator().manual_seed(length)
+    tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(ctx.device)
+    index = ranks.index(ctx.rank)
+    local = tokens[:, index * T : (index + 1) * T]
+    batch = SPBatch(group, None, index * T)
+    samples = []
+    for rep in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        if ctx.world_size > 1:
+            dist.barrier(group=ctx.world)
+        start = time.perf_counter()
+        logits = model(local, batch)
+        F.cross_entropy(logits.flatten(0, 1).float(), local.flatten()).backward()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = _slowest(ctx, time.perf_counter() - start)
+        if rep:  # the first run warms up allocators and gloo connections
+            samples.append(elapsed * 1e3)
+    return statistics.median(samples)
+
+
+def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> float:
+    """GB/s of an all-gather on the degree-d groups: bytes each rank sends / time."""
+    group = ctx.group(ctx.buddy_group_of_degree(degree))
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=ctx.device)
+    times = []
+    for _ in range(repeats + 1):
+        if ctx.world_size > 1:
+            dist.barrier(group=ctx.world)
+        start = time.perf_counter()
+        comm.dist_all_gather(x, group=group)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(_slowest(ctx, time.perf_counter() - start))
+    return (degree - 1) * nbytes / statistics.median(times[1:]) / 1e9
+
+
+def _activation_mb_per_token(model, length: int, device) -> float:
+    """MB of tensors autograd saves for backward, per token, on one rank (degree 1)."""
+    saved = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    tokens = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(tokens, SPBatch.single()).flatten(0, 1).float(), tokens.flatten())
+    loss.backward()
+    return saved / length / 2**20
+
+
+def _memory_budget_gb(ctx, world_size: int) -> float:
+    if ctx.device.type == "cuda":
+        return 0.9 * torch.cuda.mem_get_info(ctx.device)[1] / 2**30
+    import psutil
+
+    # ranks of one node share its memory; keep a fifth for the OS, the data and the planner
+    return 0.8 * psutil.virtual_memory().total / 2**30 / world_size
+
+
+def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    ctx = ParallelContext.initialize(
+        backend=config.parallel.backend, device=config.parallel.device, init_method=f"file://{store}"
+    )
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, config.parallel).to(ctx.device)
+    rows = []
+    for degree in _degrees(world_size):
+        for length in lengths:
+            if length % degree == 0:
+                rows.append((degree, length, _time_model(ctx, model, degree, length, repeats)))
+    bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
+    act = _activation_mb_per_token(model, min(lengths), ctx.device)
+    budget = _memory_budget_gb(ctx, world_size)
+    num_params = sum(p.numel() for p in model.parameters())
+    if rank == 0:
+        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device)))
+    ctx.destroy()
+
+
+def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], repeats: int = 3) -> ProfileResult:
+    """Measure ``config``'s model on ``world_size`` local processes and fit a CostModel."""
+    if world_size < 1 or world_size & (world_size - 1):
+        raise ValueError(f"profile needs a power-of-two number of processes, got {world_size}")
+    if not lengths or any(s < world_size or s % world_size for s in lengths):
+        raise ValueError(f"lengths must be multiples of the number of processes ({world_size}), got {lengths}")
+    build_model(config.model, config.parallel)  # config errors surface here, before any process starts
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (world_size, os.path.join(tmp, "store"), config, sorted(lengths), repeats, queue)
+        procs = [spawn.Process(target=_worker, args=(r, *args)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise RuntimeError(f"a profiling rank failed (exit codes {[p.exitcode for p in procs]}); see its output")
+        rows, bandwidth, act, budget, num_params, device = queue.get()
+    elem_bytes = 2 if device.startswith("cuda") else 4
+    seq_comm, per_token, per_group = comm_volumes(config, elem_bytes)
+    probe = CostModel(
+        quad_ms=0.0,
+        lin_ms=0.0,
+        beta_ms=0.0,
+        act_mb_per_token=act,
+        memory_budget_gb=budget,
+        seq_comm=seq_comm,
+        comm_bytes_per_token=per_token,
+        comm_bytes_per_group=per_group,
+        bandwidth_gbps=bandwidth,
+    )
+    compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
+    alpha1, alpha2, beta = fit_coefficients(compute)
+    cost = CostModel(
+        quad_ms=alpha1,
+        lin_ms=alpha2,
+        beta_ms=beta,
+        act_mb_per_token=act,
+        memory_budget_gb=budget,
+        model_state_gb=zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size),
+        seq_comm=seq_comm,
+        comm_bytes_per_token=per_token,
+        comm_bytes_per_group=per_group,
+        bandwidth_gbps=bandwidth,
+        name=f"{config.name}-profiled",
+        notes=f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
+        f"{num_params} parameters",
+    )
+    points = []
+    for d, s, ms in rows:
+        predicted = cost.group_time_ms([s], d)
+        points.append(
+            {"degree": d, "length": s, "measured_ms": ms, "predicted_ms": predicted, "rel_error": (predicted - ms) / ms}
+        )
+    return ProfileResult(cost, points, bandwidth)

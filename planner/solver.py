@@ -1,0 +1,243 @@
+"""plan_step: one global batch of sequence lengths → a StepPlan (FlexSP Algorithm 1, refined).
+
+1. Micro-batches. β is paid per micro-batch, so use few: from M_min = ⌈Σs / cluster token
+   capacity⌉ try M = M_min … M_min + extra_microbatches (more while none is feasible), cut the
+   length-sorted batch into M consecutive token-balanced slices (planner.bucketing), solve each
+   slice and keep the M with the least predicted time. An M whose lower bound M·β + work/N
+   already exceeds the best total is skipped.
+2. Per micro-batch: bucket the lengths (optimal DP), solve the degree-count MILP
+   (planner.milp; HiGHS, CBC if HiGHS errors out), hand each bucket's longest sequences to the
+   largest degrees, pack each degree's groups (LPT under memory, then local search;
+   planner.packing) and evaluate the real makespan with the cost model. The best homogeneous
+   packing of the slice is a candidate too (and the fallback when the MILP has no solution:
+   solver 'greedy'); small slices also try the tilings next to the winner's.
+3. The best single-degree plan of the whole batch (planner.baselines.batch_adaptive) is the
+   last candidate: consecutive cuts can need more micro-batches than free packing when memory
+   binds. If it wins, the plan says solver 'batch_adaptive'.
+4. Placement: groups largest first on consecutive ranks, so every group is a buddy block.
+
+Determinism: stable sorts with index tie-breaks, one solver thread, a fixed seed. A solve cut
+short by its wall-clock limit can differ between runs; such solves are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from planner.baselines import best_static_plan
+from planner.bucketing import cut_microbatches, optimal_buckets, sorted_order
+from planner.checks import lower_bound_s, step_bounds, validate_batch
+from planner.cost import CostModel
+from planner.milp import DEFAULT_MIP_GAP, MilpResult, MilpSolveError, available_solvers, solve_milp
+from planner.packing import Packing, homogeneous_packing, lpt_pack, place_groups, refine_tiling
+from planner.plan import Group, MicroBatch, StepPlan
+
+__all__ = ["lower_bound_s", "plan_step", "validate_batch"]
+
+log = logging.getLogger(__name__)
+
+# Each MILP's time limit is at least this (s), however many solves share the step's budget.
+_MIN_SOLVE_S = 0.05
+# Micro-batches with at most this many sequences also try the tilings next to the MILP's
+# (planner.packing.refine_tiling); in larger ones per-degree pooling is accurate anyway.
+_REFINE_MAX_SEQS = 64
+
+
+@dataclass
+class _Slice:
+    """The planned micro-batch: (degree, sequence indices) per group and its makespan."""
+
+    groups: list[tuple[int, list[int]]]
+    makespan_ms: float
+    milp_failed: bool
+
+
+def plan_step(
+    lengths: list[int],
+    *,
+    num_ranks: int,
+    cost: CostModel,
+    time_limit_s: float = 1.0,
+    solver: str = "highs",
+    num_buckets: int = 16,
+    extra_microbatches: int = 3,
+    max_len_policy: str = "error",
+    mip_gap: float = DEFAULT_MIP_GAP,
+) -> StepPlan:
+    """Plan one step: micro-batches of SP groups of mixed power-of-two degrees (module docstring).
+
+    ``time_limit_s`` is the wall-clock budget of the whole step, shared by its MILP solves.
+    ``max_len_policy``: 'error' raises on a sequence no group can hold; 'drop' leaves it out
+    and lists it in ``StepPlan.dropped``. ``mip_gap``: relative optimality gap of each MILP.
+    """
+    start = time.perf_counter()
+    dropped = validate_batch(lengths, num_ranks=num_ranks, cost=cost, max_len_policy=max_len_policy)
+    lengths = [int(s) for s in lengths]
+    if time_limit_s <= 0:
+        raise ValueError(f"time_limit_s: got {time_limit_s}; must be > 0 seconds")
+    if num_buckets < 1 or extra_microbatches < 0:
+        raise ValueError("num_buckets must be >= 1 and extra_microbatches >= 0")
+    if not 0 <= mip_gap < 1:
+        raise ValueError(f"mip_gap: got {mip_gap}; must be in [0, 1)")
+    skip = set(dropped)
+    kept = [i for i in sorted_order(lengths) if i not in skip]
+    search = _Search(lengths, num_ranks, cost, _pick_solver(solver), num_buckets, mip_gap, start + time_limit_s)
+    slices, total_ms = search.run(kept, extra_microbatches)
+    plan = StepPlan(
+        microbatches=[_to_microbatch(s) for s in slices],
+        num_ranks=num_ranks,
+        predicted_time_s=total_ms / 1e3,
+        solver="greedy" if any(s.milp_failed for s in slices) else search.backend,
+        solve_time_s=0.0,
+        lower_bound_s=lower_bound_s([lengths[i] for i in kept], num_ranks=num_ranks, cost=cost),
+        dropped=dropped,
+    )
+    # Step 3 of the module docstring.
+    fallback = best_static_plan(lengths, kept, num_ranks, cost)
+    if fallback.predicted_time_s < plan.predicted_time_s:
+        fallback.dropped = dropped
+        plan = fallback
+    plan.solve_time_s = time.perf_counter() - start
+    return plan
+
+
+def _pick_solver(solver: str) -> str:
+    if solver not in ("highs", "cbc"):
+        raise ValueError(f"solver: got {solver!r}; allowed: 'highs', 'cbc'")
+    found = available_solvers()
+    if solver in found:
+        return solver
+    if found:
+        log.warning("MILP solver %r is not available; using %r", solver, found[0])
+        return found[0]
+    log.warning("no MILP solver available (install highspy); planning greedily")
+    return "greedy"
+
+
+class _Search:
+    """The step's fixed inputs and its deadline, shared by every micro-batch solve."""
+
+    def __init__(self, lengths, num_ranks, cost, backend, num_buckets, mip_gap, deadline):
+        self.lengths, self.num_ranks, self.cost = lengths, num_ranks, cost
+        self.backend, self.num_buckets, self.mip_gap, self.deadline = backend, num_buckets, mip_gap, deadline
+        self.available = available_solvers()
+
+    def run(self, kept: list[int], extra: int) -> tuple[list[_Slice], float]:
+        """Try M = M_min … M_min + extra (and beyond while none is feasible); keep the fastest."""
+        bound = step_bounds([self.lengths[i] for i in kept], self.num_ranks, self.cost)
+        best: tuple[list[_Slice], float] | None = None
+        for m in range(bound.m_min, len(kept) + 1):
+            if best is not None and (m > bound.m_min + extra or bound.at(m) >= best[1]):
+                break
+            slices = self.solve_cut(kept, m)
+            if slices is not None:
+                total = sum(s.makespan_ms for s in slices)
+                if best is None or total < best[1]:
+                    best = (slices, total)
+        assert best is not None, "one sequence per micro-batch always fits after validate_batch"
+        return best
+
+    def solve_cut(self, kept: list[int], m: int) -> list[_Slice] | None:
+        """Solve every slice of the M-way token-balanced cut; None if one is infeasible."""
+        slices = []
+        for lo, hi in cut_microbatches([self.lengths[i] for i in kept], m):
+            planned = self.solve_slice(kept[lo:hi])
+            if planned is None:
+                return None
+            slices.append(planned)
+        return slices
+
+    def _solve_milp(self, buckets: list[list[int]]) -> MilpResult:
+        """The chosen solver, then CBC if that one errors out (not if it proves infeasibility)."""
+        try:
+            return self._solve_with(self.backend, buckets)
+        except MilpSolveError as exc:
+            if exc.kind != "error" or self.backend == "cbc" or "cbc" not in self.available:
+                raise
+            log.warning("%s; retrying with CBC", exc)
+            return self._solve_with("cbc", buckets)
+
+    def _solve_with(self, solver: str, buckets: list[list[int]]) -> MilpResult:
+        # Each solve may use what is left of the step's budget; most finish far sooner.
+        budget = max(_MIN_SOLVE_S, self.deadline - time.perf_counter())
+        result = solve_milp(
+            buckets, num_ranks=self.num_ranks, cost=self.cost, time_limit_s=budget, solver=solver, mip_gap=self.mip_gap
+        )
+        if not result.optimal:
+            log.info("MILP stopped at its %.3f s time limit; the plan may differ between runs", budget)
+        return result
+
+    def solve_slice(self, seqs: list[int]) -> _Slice | None:
+        """MILP + packing for one micro-batch, compared with the best homogeneous plan."""
+        local = {i: self.lengths[i] for i in seqs}
+        homogeneous = _best_homogeneous(seqs, local, self.num_ranks, self.cost)
+        if self.backend == "greedy":
+            return _as_slice(homogeneous, milp_failed=False)
+        buckets = optimal_buckets([local[i] for i in seqs], self.num_buckets)
+        members = [[seqs[k] for k in indices] for _, indices in buckets]
+        try:
+            result = self._solve_milp([[local[i] for i in m] for m in members])
+        except MilpSolveError as exc:
+            if exc.kind == "infeasible" and homogeneous is None:
+                return None
+            log.warning("MILP failed (%s); using the best homogeneous plan for this micro-batch", exc)
+            return _as_slice(homogeneous, milp_failed=True)
+        packing = lpt_pack(result.counts, _split_buckets(members, result.assignment, local), local, self.cost)
+        candidates = [p for p in (packing, homogeneous) if p is not None]
+        if not candidates:
+            return None
+        best = min(candidates, key=Packing.makespan_ms)
+        if len(seqs) <= _REFINE_MAX_SEQS:
+            best = refine_tiling(best, self.num_ranks)
+        return _as_slice(best, milp_failed=False)
+
+
+def _split_buckets(members, assignment, local) -> dict[int, list[int]]:
+    """x_{q,d} sequences of bucket q to degree d, the longest ones to the largest degrees."""
+    by_degree: dict[int, list[int]] = {}
+    for q, seqs in enumerate(members):
+        queue = sorted(seqs, key=lambda i: (-local[i], i))
+        for d in sorted({d for (qq, d) in assignment if qq == q}, reverse=True):
+            take = assignment[q, d]
+            by_degree.setdefault(d, []).extend(queue[:take])
+            queue = queue[take:]
+    return by_degree
+
+
+def _best_homogeneous(seqs, local, num_ranks, cost) -> Packing | None:
+    """The fastest single-degree packing of a micro-batch (None if no degree holds it).
+
+    Degrees are tried in order of their bound o_d + max(max t, Σ t / (N/d)) and the search
+    stops once that bound cannot beat the best LPT packing; only the winner gets the local search.
+    """
+    lowest = cost.min_degree(max(local[i] for i in seqs), num_ranks)
+    bounds = []
+    for d in cost.degrees(num_ranks):
+        if d >= lowest:
+            times = [cost.seq_time_ms(local[i], d) for i in seqs]
+            bounds.append((cost.group_overhead_ms(d) + max(max(times), sum(times) / (num_ranks // d)), d))
+    best = None
+    for bound, d in sorted(bounds):
+        if best is not None and bound >= best.makespan_ms():
+            break
+        packing = homogeneous_packing(seqs, d, num_ranks, local, cost, improve=False)
+        if packing is not None and (best is None or packing.makespan_ms() < best.makespan_ms()):
+            best = packing
+    if best is not None:
+        best.improve()
+    return best
+
+
+def _as_slice(packing: Packing | None, *, milp_failed: bool) -> _Slice | None:
+    if packing is None:
+        return None
+    return _Slice(packing.groups(), packing.makespan_ms(), milp_failed)
+
+
+def _to_microbatch(planned: _Slice) -> MicroBatch:
+    ranks = place_groups([d for d, _ in planned.groups])
+    groups = [Group(r, seqs) for r, (_, seqs) in zip(ranks, planned.groups)]
+    groups.sort(key=lambda g: g.ranks[0])
+    return MicroBatch(groups, planned.makespan_ms / 1e3)

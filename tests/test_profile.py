@@ -1,0 +1,73 @@
+"""Cost-model calibration: the fit recovers known coefficients, the communication volumes follow
+the formulas of parallel/README.md, and an end-to-end profile on 2 gloo ranks writes a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.cost import CostModel
+from planner.profile import comm_volumes, fit_coefficients, profile_cost_model
+from runtime.config import load_config
+
+FIT_TOL = 1e-9  # noiseless synthetic data: the least-squares fit is exact up to rounding
+
+
+def test_fit_recovers_known_coefficients():
+    alpha1, alpha2, beta = 2e-6, 0.05, 3.0
+    points = [(d, s, beta + (alpha1 * s * s + alpha2 * s) / d) for d in (1, 2, 4) for s in (256, 1024, 4096)]
+    got = fit_coefficients(points)
+    for x, y in zip(got, (alpha1, alpha2, beta)):
+        assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
+
+
+def test_fit_keeps_coefficients_non_negative():
+    # purely linear data with noise that would pull the quadratic term negative
+    points = [(1, s, 0.1 * s - 1e-7 * s * s) for s in (100, 200, 400, 800)]
+    alpha1, alpha2, beta = fit_coefficients(points)
+    assert alpha1 >= 0 and alpha2 >= 0 and beta >= 0
+
+
+def test_comm_volumes_follow_the_formulas():
+    config = load_config("configs/tiny-cpu.toml", ["--model.ffn=dense"])  # LLLS x 1, d=128, 4 heads, 2 kv
+    kind, per_token, per_group = comm_volumes(config, elem_bytes=4)
+    head_dim = 32
+    assert kind == "allgather"
+    assert per_token == 1 * 2 * 2 * 2 * head_dim * 4  # 1 softmax layer: K and V, fwd and bwd
+    assert per_group == 3 * 2 * 4 * head_dim * head_dim * 4  # 3 linear layers: fp32 state fwd and bwd
+    ulysses = load_config(None, ["--model.ffn=dense", "--parallel.linear_sp=ulysses", "--parallel.softmax_sp=ulysses"])
+    kind, per_token, per_group = comm_volumes(ulysses, elem_bytes=2)
+    assert kind == "alltoall" and per_group == 0.0
+    with pytest.raises(ValueError, match="one kind of sequence-proportional traffic"):
+        comm_volumes(load_config(None, ["--model.ffn=dense", "--parallel.linear_sp=ulysses"]), elem_bytes=4)
+
+
+def test_bad_profile_arguments():
+    config = load_config(None, ["--model.ffn=dense"])
+    with pytest.raises(ValueError, match="power-of-two"):
+        profile_cost_model(config, world_size=3, lengths=[96])
+    with pytest.raises(ValueError, match="multiples of the number of processes"):
+        profile_cost_model(config, world_size=2, lengths=[63])
+    with pytest.raises(ValueError, match="--model.ffn=dense"):
+        profile_cost_model(load_config(None, []), world_size=2, lengths=[64])
+
+
+@pytest.mark.slow
+def test_profile_end_to_end_on_two_ranks():
+    config = load_config(
+        None,
+        [
+            "--model.ffn=dense",
+            "--model.num_layers=2",
+            "--model.layer_pattern=LS",
+            "--model.d_model=32",
+            "--parallel.backend=gloo",
+            "--parallel.device=cpu",
+        ],
+    )
+    result = profile_cost_model(config, world_size=2, lengths=[64, 128, 256], repeats=1)
+    assert {(p["degree"], p["length"]) for p in result.points} == {(d, s) for d in (1, 2) for s in (64, 128, 256)}
+    assert set(result.bandwidth_gbps) == {2} and result.bandwidth_gbps[2] > 0
+    cost = result.cost
+    assert cost.act_mb_per_token > 0 and cost.memory_budget_gb > 0 and cost.model_state_gb > 0
+    assert CostModel.from_json(cost.to_json()) == cost
+    assert all(p["measured_ms"] > 0 and p["predicted_ms"] > 0 for p in result.points)
