@@ -7,7 +7,7 @@ import zlib
 
 import torch
 
-from parallel import lasp2
+from parallel import comm, lasp2
 from parallel.linear_attention import linear_attention_recurrent
 
 H, DK, DV = 2, 3, 4
@@ -108,3 +108,31 @@ def reference(q, k, v, a, cu, do, causal):
     grads = torch.autograd.grad(o, [x for x in leaves if x is not None], do.double())
     grads = list(grads) + [None] * (4 - len(grads))
     return (o.detach(), *grads)
+
+
+def run_linear_sp_rank(ctx, op_name: str, T: int, decay: str, docs: str, causal: bool, seed: int):
+    """On one gloo rank: this rank's shard through LASP-2 or LASP-1, forward and backward.
+    Returns ([o, dq, dk, dv, dlog_decay], CommMeter summary)."""
+    from parallel.ring import lasp1_attention
+
+    op = {"lasp1": lasp1_attention, "lasp2": lasp2.lasp2_attention}[op_name]
+    W, r = ctx.world_size, ctx.rank
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
+    leaves = [None if x is None else shard(x, W, r).clone().requires_grad_() for x in (q, k, v, a)]
+    with comm.CommMeter() as meter:
+        o = op(*leaves[:3], group=ctx.world, causal=causal, log_decay=leaves[3], cu_seqlens=cu)
+        o.backward(shard(do, W, r))
+    return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
+
+
+def gather_full(results, log_decay):
+    """Whole-sequence [o, dq, dk, dv, dlog_decay] from every rank's ``run_linear_sp_rank`` result.
+    A per-head decay is one parameter shared by the ranks: its gradients sum."""
+    got = [torch.cat([res[0][i] for res in results], dim=1) for i in range(4)]
+    if log_decay is None:
+        got.append(None)
+    elif log_decay.dim() == 1:
+        got.append(sum(res[0][4] for res in results))
+    else:
+        got.append(torch.cat([res[0][4] for res in results], dim=1))
+    return got

@@ -13,7 +13,17 @@ import torch
 from parallel import comm
 from parallel.lasp2 import lasp2_attention, rank_spans
 from tests.distributed import RankFailure, run_on_ranks
-from tests.sp_sim import DK, DV, H, make_inputs, reference, rel_err, shard, simulate_lasp2
+from tests.sp_sim import (
+    DK,
+    DV,
+    H,
+    gather_full,
+    make_inputs,
+    reference,
+    rel_err,
+    run_linear_sp_rank,
+    simulate_lasp2,
+)
 
 FP64_TOL = 1e-10
 FP32_TOL = 1e-5
@@ -44,16 +54,6 @@ def test_simulated_ranks_match_reference_fp64(W, T, docs, decay, causal):
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_lasp2(ctx, T, decay, docs, causal, seed):
-    W, r = ctx.world_size, ctx.rank
-    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
-    leaves = [None if x is None else shard(x, W, r).clone().requires_grad_() for x in (q, k, v, a)]
-    with comm.CommMeter() as meter:
-        o = lasp2_attention(*leaves[:3], group=ctx.world, causal=causal, log_decay=leaves[3], cu_seqlens=cu)
-        o.backward(shard(do, W, r))
-    return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
-
-
 @pytest.mark.parametrize("W", [2, 3, 4])
 @pytest.mark.parametrize(
     "decay,docs,causal",
@@ -71,16 +71,10 @@ def test_gloo_ranks_match_reference_fp32(W, decay, docs, causal):
     if docs == "span3" and W < 3:
         pytest.skip("a document spanning three ranks needs three ranks")
     T = 6
-    results = run_on_ranks(W, _run_lasp2, T, decay, docs, causal, seed=1)
+    results = run_on_ranks(W, run_linear_sp_rank, "lasp2", T, decay, docs, causal, seed=1)
     q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=1)
     want = reference(q, k, v, a, cu, do, causal)
-    got = [torch.cat([res[0][i] for res in results], dim=1) for i in range(4)]
-    if a is None:
-        got.append(None)
-    elif a.dim() == 1:
-        got.append(sum(res[0][4] for res in results))  # a shared parameter: gradients sum over ranks
-    else:
-        got.append(torch.cat([res[0][4] for res in results], dim=1))
+    got = gather_full(results, a)
     for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], got, want):
         if y is None:
             continue
@@ -109,7 +103,7 @@ def lasp2_bytes(W: int, B: int, decay: str, causal: bool, docs: str) -> int:
 def test_lasp2_bytes_are_analytic_and_independent_of_length(decay, docs, causal):
     W = 4
     for T in (4, 64):
-        results = run_on_ranks(W, _run_lasp2, T, decay, docs, causal, seed=2)
+        results = run_on_ranks(W, run_linear_sp_rank, "lasp2", T, decay, docs, causal, seed=2)
         B = 1 if docs != "none" else 2
         for _, summary in results:
             assert set(summary) == {"all_gather"}

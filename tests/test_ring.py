@@ -10,11 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel import comm
-from parallel.lasp2 import lasp2_attention
-from parallel.ring import lasp1_attention
 from tests.distributed import run_on_ranks
-from tests.sp_sim import DK, DV, H, make_inputs, reference, rel_err, shard
+from tests.sp_sim import DK, DV, H, gather_full, make_inputs, reference, rel_err, run_linear_sp_rank
 
 FP32_TOL = 1e-5
 CASES = [
@@ -28,28 +25,6 @@ CASES = [
 ]
 
 
-def _run(ctx, op_name, T, decay, docs, causal, seed):
-    op = {"lasp1": lasp1_attention, "lasp2": lasp2_attention}[op_name]
-    W, r = ctx.world_size, ctx.rank
-    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
-    leaves = [None if x is None else shard(x, W, r).clone().requires_grad_() for x in (q, k, v, a)]
-    with comm.CommMeter() as meter:
-        o = op(*leaves[:3], group=ctx.world, causal=causal, log_decay=leaves[3], cu_seqlens=cu)
-        o.backward(shard(do, W, r))
-    return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
-
-
-def _gather_full(results, a):
-    got = [torch.cat([res[0][i] for res in results], dim=1) for i in range(4)]
-    if a is None:
-        got.append(None)
-    elif a.dim() == 1:
-        got.append(sum(res[0][4] for res in results))
-    else:
-        got.append(torch.cat([res[0][4] for res in results], dim=1))
-    return got
-
-
 @pytest.mark.parametrize("W", [2, 3, 4])
 @pytest.mark.parametrize("decay,docs,causal", CASES)
 def test_ring_matches_reference_fp32(W, decay, docs, causal):
@@ -57,7 +32,7 @@ def test_ring_matches_reference_fp32(W, decay, docs, causal):
         pytest.skip("a document spanning three ranks needs three ranks")
     T = 5
     q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=3)
-    got = _gather_full(run_on_ranks(W, _run, "lasp1", T, decay, docs, causal, seed=3), a)
+    got = gather_full(run_on_ranks(W, run_linear_sp_rank, "lasp1", T, decay, docs, causal, seed=3), a)
     want = reference(q, k, v, a, cu, do, causal)
     for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], got, want):
         if y is not None:
@@ -67,8 +42,8 @@ def test_ring_matches_reference_fp32(W, decay, docs, causal):
 def test_ring_and_lasp2_agree():
     W, T = 4, 7
     args = (T, "token", "mixed", True)
-    ring = _gather_full(run_on_ranks(W, _run, "lasp1", *args, seed=4), a=torch.zeros(1, 1, 1))
-    gather = _gather_full(run_on_ranks(W, _run, "lasp2", *args, seed=4), a=torch.zeros(1, 1, 1))
+    ring = gather_full(run_on_ranks(W, run_linear_sp_rank, "lasp1", *args, seed=4), torch.zeros(1, 1, 1))
+    gather = gather_full(run_on_ranks(W, run_linear_sp_rank, "lasp2", *args, seed=4), torch.zeros(1, 1, 1))
     for x, y in zip(ring, gather):
         assert rel_err(x, y) <= FP32_TOL
 
@@ -82,7 +57,7 @@ def test_ring_bytes(decay, docs, causal):
     B = 1 if docs != "none" else 2
     state = B * H * DK * DV * 4
     chains = 2 if causal else 4
-    for rank, (_, summary) in enumerate(run_on_ranks(W, _run, "lasp1", T, decay, docs, causal, seed=5)):
+    for rank, (_, summary) in enumerate(run_on_ranks(W, run_linear_sp_rank, "lasp1", T, decay, docs, causal, seed=5)):
         neighbours = (rank > 0) + (rank < W - 1)
         # each chain sends once and receives once through a middle rank; a chain's two ends do one each
         total_hops = chains * neighbours
