@@ -12,6 +12,17 @@ from parallel.linear_attention import linear_attention_recurrent
 
 H, DK, DV = 2, 3, 4
 
+# (decay, documents, causal) cases run over real gloo ranks by the LASP-2 and ring tests
+GLOO_CASES = [
+    ("none", "none", True),
+    ("head", "inside", True),
+    ("token", "on_cut", True),
+    ("token", "span3", True),
+    ("token", "mixed", False),
+    ("head", "none", False),
+    ("none", "span3", False),
+]
+
 
 def shard(x: torch.Tensor | None, W: int, rank: int) -> torch.Tensor | None:
     """Rank's contiguous slice along the token dim (dim 1); per-head tensors ([H]) are replicated."""

@@ -16,6 +16,7 @@ from tests.distributed import RankFailure, run_on_ranks
 from tests.sp_sim import (
     DK,
     DV,
+    GLOO_CASES,
     H,
     gather_full,
     make_inputs,
@@ -55,18 +56,7 @@ def test_simulated_ranks_match_reference_fp64(W, T, docs, decay, causal):
 
 
 @pytest.mark.parametrize("W", [2, 3, 4])
-@pytest.mark.parametrize(
-    "decay,docs,causal",
-    [
-        ("none", "none", True),
-        ("head", "inside", True),
-        ("token", "on_cut", True),
-        ("token", "span3", True),
-        ("token", "mixed", False),
-        ("head", "none", False),
-        ("none", "span3", False),
-    ],
-)
+@pytest.mark.parametrize("decay,docs,causal", GLOO_CASES)
 def test_gloo_ranks_match_reference_fp32(W, decay, docs, causal):
     if docs == "span3" and W < 3:
         pytest.skip("a document spanning three ranks needs three ranks")

@@ -11,22 +11,13 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
-from tests.sp_sim import DK, DV, H, gather_full, make_inputs, reference, rel_err, run_linear_sp_rank
+from tests.sp_sim import DK, DV, GLOO_CASES, H, gather_full, make_inputs, reference, rel_err, run_linear_sp_rank
 
 FP32_TOL = 1e-5
-CASES = [
-    ("none", "none", True),
-    ("head", "inside", True),
-    ("token", "on_cut", True),
-    ("token", "span3", True),
-    ("token", "mixed", False),
-    ("head", "none", False),
-    ("none", "span3", False),
-]
 
 
 @pytest.mark.parametrize("W", [2, 3, 4])
-@pytest.mark.parametrize("decay,docs,causal", CASES)
+@pytest.mark.parametrize("decay,docs,causal", GLOO_CASES)
 def test_ring_matches_reference_fp32(W, decay, docs, causal):
     if docs == "span3" and W < 3:
         pytest.skip("a document spanning three ranks needs three ranks")
