@@ -40,14 +40,15 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.linear_attention import (
     chunk_linear_attention,
+    compute_dtype,
+    decay_BTH,
     first_segment_decay,
+    last_segment_decay,
     last_segment_state,
     validate_linear_attention_inputs,
 )
 
 __all__ = ["RankSpans", "lasp2_attention", "rank_spans"]
-
-_NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,33 +117,10 @@ def shard_spans(q, k, v, *, group: Group, log_decay: Tensor | None, cu_seqlens: 
 # --------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _decay_BTH(log_decay: Tensor | None, B: int, T: int, H: int, dtype, device) -> Tensor:
-    if log_decay is None:
-        return torch.zeros(B, T, H, dtype=dtype, device=device)
-    a = log_decay.to(dtype)
-    return a.view(1, 1, H).expand(B, T, H) if a.dim() == 1 else a
-
-
-def _last_span_suffix_decay(a_BTH: Tensor, local_cu: Tensor | None) -> Tensor:
-    """b'_i = sum_{m > i} a_m for tokens of the last span (-inf elsewhere): the weight of a state
-    entering from the right is exp(b'_i). Accumulated from the end, so precise near it."""
-    B, T, H = a_BTH.shape
-    suffix_BTH = a_BTH.flip(1).cumsum(1).flip(1)
-    excl_BTH = torch.cat([suffix_BTH[:, 1:], a_BTH.new_zeros(B, min(T, 1), H)], dim=1)
-    if local_cu is None:
-        return excl_BTH
-    in_last_T = torch.arange(T, device=a_BTH.device) >= int(local_cu[-2])
-    return torch.where(in_last_T[None, :, None], excl_BTH, _NEG_INF)
-
-
 def _first_span_state(k: Tensor, v: Tensor, log_decay: Tensor | None, local_cu: Tensor | None) -> Tensor:
     """F = sum_{j in first span} exp(b_j) k_j^T v_j with b the inclusive log-decay from the rank's start."""
     B, T, H, _ = k.shape
-    cdt = _compute_dtype(k.dtype)
+    cdt = compute_dtype(k.dtype)
     b_BTH = first_segment_decay(log_decay, local_cu, B, T, H, dtype=cdt, device=k.device)
     return torch.einsum("bthk,bthv->bhkv", k.to(cdt) * b_BTH.exp()[..., None], v.to(cdt))
 
@@ -167,7 +145,7 @@ def local_states(k, v, log_decay, spans: RankSpans, causal: bool) -> tuple[Tenso
         F_BHKV = E_BHKV
     else:
         F_BHKV = _first_span_state(k, v, log_decay, spans.local_cu_seqlens)
-    g_BH = _decay_BTH(log_decay, B, T, H, E_BHKV.dtype, k.device).sum(1)
+    g_BH = decay_BTH(log_decay, B, T, H, E_BHKV.dtype, k.device).sum(1)
     return E_BHKV, F_BHKV, g_BH
 
 
@@ -178,8 +156,7 @@ def inter_output(q, log_decay, S_in, R_in, spans: RankSpans) -> Tensor:
     b_BTH = first_segment_decay(log_decay, spans.local_cu_seqlens, B, T, H, dtype=cdt, device=q.device)
     out = torch.einsum("bthk,bhkv->bthv", qc * b_BTH.exp()[..., None], S_in)
     if R_in is not None:
-        a_BTH = _decay_BTH(log_decay, B, T, H, cdt, q.device)
-        b_BTH = _last_span_suffix_decay(a_BTH, spans.local_cu_seqlens)
+        b_BTH = last_segment_decay(log_decay, spans.local_cu_seqlens, B, T, H, dtype=cdt, device=q.device)
         out = out + torch.einsum("bthk,bhkv->bthv", qc * b_BTH.exp()[..., None], R_in)
     return out
 
@@ -187,14 +164,13 @@ def inter_output(q, log_decay, S_in, R_in, spans: RankSpans) -> Tensor:
 def output_state_grads(q, log_decay, do, spans: RankSpans, causal: bool) -> tuple[Tensor, Tensor | None]:
     """(dM_t, dN_t): the gradients of the loss w.r.t. S(t) and R(t) through this rank's output."""
     B, T, H, _ = q.shape
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     qc, doc = q.to(cdt), do.to(cdt)
     b_BTH = first_segment_decay(log_decay, spans.local_cu_seqlens, B, T, H, dtype=cdt, device=q.device)
     dM_BHKV = torch.einsum("bthk,bthv->bhkv", qc * b_BTH.exp()[..., None], doc)
     if causal:
         return dM_BHKV, None
-    a_BTH = _decay_BTH(log_decay, B, T, H, cdt, q.device)
-    b_BTH = _last_span_suffix_decay(a_BTH, spans.local_cu_seqlens)
+    b_BTH = last_segment_decay(log_decay, spans.local_cu_seqlens, B, T, H, dtype=cdt, device=q.device)
     return dM_BHKV, torch.einsum("bthk,bthv->bhkv", qc * b_BTH.exp()[..., None], doc)
 
 

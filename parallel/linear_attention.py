@@ -45,7 +45,10 @@ from parallel.fla_backend import fla_available, fla_chunk_linear_attention, fla_
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "chunk_linear_attention",
+    "compute_dtype",
+    "decay_BTH",
     "first_segment_decay",
+    "last_segment_decay",
     "last_segment_state",
     "linear_attention",
     "linear_attention_recurrent",
@@ -61,7 +64,7 @@ _NEG_INF = float("-inf")
 # ----------------------------------------------------------------------------- validation
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # "Never below fp32": bf16/fp16/fp32 compute in fp32, fp64 stays fp64.
     return torch.promote_types(dtype, torch.float32)
 
@@ -192,7 +195,7 @@ def segment_ids(cu_seqlens: Tensor | None, T: int) -> Tensor:
     return starts_T.cumsum(0)
 
 
-def _decay_BTH(
+def decay_BTH(
     log_decay: Tensor | None, B: int, T: int, H: int, dtype: torch.dtype, device: torch.device | None
 ) -> Tensor:
     # A per-head decay is expanded (a view), so autograd sums its gradient back to [H].
@@ -387,14 +390,14 @@ def chunk_linear_attention(
         )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     B, T, H, _ = q.shape
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     reset_T = _reset_T(cu_seqlens, T, q.device)
     if not causal:
-        a_BTH = None if log_decay is None else _decay_BTH(log_decay, B, T, H, cdt, q.device)
+        a_BTH = None if log_decay is None else decay_BTH(log_decay, B, T, H, cdt, q.device)
         return _chunk_bidirectional(qc, kc, vc, a_BTH, reset_T, chunk_size).to(q.dtype), None
-    a_BTH = _decay_BTH(log_decay, B, T, H, cdt, q.device)
+    a_BTH = decay_BTH(log_decay, B, T, H, cdt, q.device)
     h0 = None if initial_state is None else initial_state.to(cdt)
     o, state = _chunk_causal(qc, kc, vc, a_BTH, reset_T, h0, strict=False, chunk_size=chunk_size)
     return o.to(q.dtype), (state if output_final_state else None)
@@ -452,20 +455,48 @@ def last_segment_state(
     _validate_qkv(k, k, v, q_name="k")
     _validate_extras(k, v, log_decay=log_decay, cu_seqlens=cu_seqlens)
     B, T, H, _ = k.shape
-    cdt = _compute_dtype(k.dtype)
-    a_BTH = _decay_BTH(log_decay, B, T, H, cdt, k.device)
-    # Suffix sums sum_{m >= i} a_m (accumulated from the end, so they stay precise near it);
-    # beta - b_i = sum_{m > i} a_m is the next one.
-    suffix_BTH = a_BTH.flip(1).cumsum(1).flip(1)
-    log_w_BTH = torch.cat([suffix_BTH[:, 1:], a_BTH.new_zeros(B, min(T, 1), H)], dim=1)
-    log_gamma_BH = suffix_BTH[:, 0] if T else a_BTH.new_zeros(B, H)
+    cdt = compute_dtype(k.dtype)
+    a_BTH = decay_BTH(log_decay, B, T, H, cdt, k.device)
+    log_w_BTH, log_gamma_BH = _suffix_decays(a_BTH)
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
-        in_last_T = torch.arange(T, device=k.device) >= int(cu_seqlens[-2])
-        log_w_BTH = torch.where(in_last_T[None, :, None], log_w_BTH, _NEG_INF)
+        log_w_BTH = _only_last_document(log_w_BTH, cu_seqlens)
         log_gamma_BH = torch.full_like(log_gamma_BH, _NEG_INF)
     w_BTH = torch.exp(log_w_BTH)
     E_BHKV = torch.einsum("bthk,bthv->bhkv", k.to(cdt) * w_BTH[..., None], v.to(cdt))
     return E_BHKV, log_gamma_BH
+
+
+def _suffix_decays(a_BTH: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_{m > i} a_m per token, the span's total sum a_m per row). Accumulated from the end,
+    so the exponents stay precise near it; beta - b_i of the docstrings is the first one."""
+    B, T, H = a_BTH.shape
+    suffix_BTH = a_BTH.flip(1).cumsum(1).flip(1)
+    exclusive_BTH = torch.cat([suffix_BTH[:, 1:], a_BTH.new_zeros(B, min(T, 1), H)], dim=1)
+    return exclusive_BTH, (suffix_BTH[:, 0] if T else a_BTH.new_zeros(B, H))
+
+
+def _only_last_document(x_BTH: Tensor, cu_seqlens: Tensor) -> Tensor:
+    in_last_T = torch.arange(x_BTH.shape[1], device=x_BTH.device) >= int(cu_seqlens[-2])
+    return torch.where(in_last_T[None, :, None], x_BTH, _NEG_INF)
+
+
+def last_segment_decay(
+    log_decay: Tensor | None,
+    cu_seqlens: Tensor | None,
+    B: int,
+    T: int,
+    H: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | None,
+) -> Tensor:
+    """``[B, T, H]``: log-decay from token i (exclusive) to the span's end for last-document
+    tokens, -inf before: a state entering from the right reaches o_i with weight exp of it
+    (the mirror of ``first_segment_decay``; used by bidirectional sequence parallelism)."""
+    log_w_BTH, _ = _suffix_decays(decay_BTH(log_decay, B, T, H, dtype, device))
+    if cu_seqlens is not None and cu_seqlens.numel() > 2:
+        log_w_BTH = _only_last_document(log_w_BTH, cu_seqlens)
+    return log_w_BTH
 
 
 def first_segment_decay(
@@ -484,11 +515,11 @@ def first_segment_decay(
     promote(log_decay dtype, fp32) (fp32 without a decay); device to log_decay's or cu_seqlens'.
     """
     if dtype is None:
-        dtype = _compute_dtype(log_decay.dtype) if log_decay is not None else torch.float32
+        dtype = compute_dtype(log_decay.dtype) if log_decay is not None else torch.float32
     if device is None:
         src = log_decay if log_decay is not None else cu_seqlens
         device = src.device if src is not None else None
-    b_BTH = _decay_BTH(log_decay, B, T, H, dtype, device).cumsum(1)
+    b_BTH = decay_BTH(log_decay, B, T, H, dtype, device).cumsum(1)
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
         in_first_T = torch.arange(T, device=b_BTH.device) < int(cu_seqlens[1])
         b_BTH = torch.where(in_first_T[None, :, None], b_BTH, _NEG_INF)
@@ -509,8 +540,8 @@ def _quadratic_attention(
 ) -> Tensor:
     """Explicit O(T^2) form with the full decay matrix (reference; no initial state)."""
     B, T, H, _ = q.shape
-    cdt = _compute_dtype(q.dtype)
-    b_BTH = _decay_BTH(log_decay, B, T, H, cdt, q.device).cumsum(1)
+    cdt = compute_dtype(q.dtype)
+    b_BTH = decay_BTH(log_decay, B, T, H, cdt, q.device).cumsum(1)
     diff_BIJH = b_BTH[:, :, None, :] - b_BTH[:, None, :, :]  # b_i - b_j: <= 0 for i >= j
     idx = torch.arange(T, device=q.device)
     lower_IJ = idx[:, None] >= idx[None, :]
@@ -545,9 +576,9 @@ def linear_attention_recurrent(
         return _quadratic_attention(q, k, v, causal=False, log_decay=log_decay, cu_seqlens=cu_seqlens), None
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
     q_, k_, v_ = q.to(cdt), k.to(cdt), v.to(cdt)
-    alpha_BTH = torch.exp(_decay_BTH(log_decay, B, T, H, cdt, q.device))
+    alpha_BTH = torch.exp(decay_BTH(log_decay, B, T, H, cdt, q.device))
     starts = set() if cu_seqlens is None else set(cu_seqlens[1:-1].tolist())
     state = initial_state.to(cdt) if initial_state is not None else q_.new_zeros(B, H, K, V)
     outs = []
