@@ -14,7 +14,7 @@ import math
 import time
 
 from planner.checks import lower_bound_s, validate_batch
-from planner.cost import CostModel
+from planner.cost import CostModel, is_power_of_two
 from planner.packing import Packing, lpt_pack, place_groups
 from planner.plan import Group, MicroBatch, StepPlan
 
@@ -61,7 +61,7 @@ def best_static_plan(lengths: list[int], indices: list[int], num_ranks: int, cos
 
 
 def _check_degree(lengths: list[int], num_ranks: int, degree: int, cost: CostModel) -> None:
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1 or degree & (degree - 1):
+    if not is_power_of_two(degree):
         raise ValueError(f"sp_degree: got {degree!r}; must be a power of two")
     if degree > num_ranks:
         raise ValueError(f"sp_degree: got {degree}; must be <= num_ranks={num_ranks}")

@@ -8,7 +8,7 @@ import numbers
 from collections import Counter
 from dataclasses import dataclass
 
-from planner.cost import CostModel
+from planner.cost import CostModel, is_power_of_two
 
 __all__ = ["StepBounds", "lower_bound_s", "step_bounds", "validate_batch"]
 
@@ -17,7 +17,7 @@ log = logging.getLogger("planner.solver")
 
 def validate_batch(lengths: list[int], *, num_ranks: int, cost: CostModel, max_len_policy: str = "error") -> list[int]:
     """Check the inputs; return the indices to drop (policy 'drop'), or raise ValueError."""
-    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1 or num_ranks & (num_ranks - 1):
+    if not is_power_of_two(num_ranks):
         raise ValueError(
             f"num_ranks: got {num_ranks!r}; the planner's buddy groups need a power-of-two number of ranks"
         )

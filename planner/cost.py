@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CostModel", "zero_model_state_gb"]
+__all__ = ["CostModel", "is_power_of_two", "zero_model_state_gb"]
 
 _MIB = 2.0**20
 _SEQ_COMM_KINDS = ("alltoall", "allgather")
 
 
-def _is_power_of_two(n: int) -> bool:
+def is_power_of_two(n: object) -> bool:
+    """An int (not a bool) >= 1 that is a power of two: the sizes of the planner's buddy groups."""
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
 
 
@@ -127,7 +128,7 @@ class CostModel:
             raise ValueError("bandwidth_gbps: empty, but the model has SP traffic; give GB/s per degree, e.g. {2: 100}")
         if self.moe_bytes_per_token and self.ep_bandwidth_gbps <= 0:
             raise ValueError("ep_bandwidth_gbps: must be > 0 when moe_bytes_per_token > 0")
-        if self.max_degree is not None and not _is_power_of_two(self.max_degree):
+        if self.max_degree is not None and not is_power_of_two(self.max_degree):
             raise ValueError(f"max_degree: got {self.max_degree!r}; must be a power of two >= 1 or null")
         if not isinstance(self.name, str) or not isinstance(self.notes, str):
             raise ValueError("name and notes must be strings")
@@ -179,7 +180,7 @@ class CostModel:
 
     def token_capacity(self, degree: int) -> int:
         """Largest Σ s a degree-``degree`` group can hold (0 above max_degree)."""
-        if not _is_power_of_two(degree):
+        if not is_power_of_two(degree):
             raise ValueError(f"degree: got {degree!r}; SP degrees are powers of two")
         if self.max_degree is not None and degree > self.max_degree:
             return 0
@@ -299,7 +300,7 @@ def _parse_bandwidth(table: Any) -> dict[int, float]:
         if degree == 1:
             # A one-rank group communicates nothing; an entry for it (FlexSP writes 1e10) is ignored.
             continue
-        if not _is_power_of_two(degree):
+        if not is_power_of_two(degree):
             raise ValueError(f"bandwidth_gbps: key {key!r} is not a power-of-two degree")
         _check_number(f"bandwidth_gbps[{degree}]", value, positive=True)
         parsed[degree] = float(value)

@@ -26,7 +26,7 @@ from typing import TextIO
 
 from planner import plan_step
 from planner.baselines import batch_adaptive, smallest_static_degree, static_sp
-from planner.cost import CostModel
+from planner.cost import CostModel, is_power_of_two
 from planner.distributions import DEFAULT_CAP, distribution_names, length_stats, sample_lengths
 
 DEFAULT_BATCH_SIZE = 512  # FlexSP's global batch, in sequences
@@ -157,7 +157,7 @@ def resolve_cost(spec: str, num_ranks: int) -> CostModel:
 
 
 def _check_spec(spec: DryRunSpec) -> None:
-    if spec.num_ranks < 1 or spec.num_ranks & (spec.num_ranks - 1):
+    if not is_power_of_two(spec.num_ranks):
         raise DryRunError(
             f"--num-ranks {spec.num_ranks} is not a power of two: SP groups are power-of-two buddy groups "
             "that tile the ranks; use e.g. 8, 16, 64"

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from planner.cost import CostModel
+from planner.cost import CostModel, is_power_of_two
 
 __all__ = ["Group", "MicroBatch", "StepPlan"]
 
@@ -128,7 +127,7 @@ class StepPlan:
         micro-batch's groups tile all ranks with aligned power-of-two blocks, and (given a cost
         model) every group fits in memory."""
         n = self.num_ranks
-        if not isinstance(n, int) or n < 1 or n & (n - 1):
+        if not is_power_of_two(n):
             raise ValueError(f"plan: num_ranks={n!r}; the planner's buddy groups need a power-of-two number of ranks")
         if not self.microbatches and len(self.dropped) < len(lengths):
             raise ValueError("plan: no micro-batches")
@@ -183,7 +182,7 @@ def _check_tiling(mb: MicroBatch, num_ranks: int, where: str) -> None:
     covered = []
     for j, group in enumerate(mb.groups):
         d, start = group.degree, group.ranks[0] if group.ranks else -1
-        if d < 1 or d & (d - 1):
+        if not is_power_of_two(d):
             raise ValueError(f"plan: {where} group {j} has {d} ranks; SP degrees are powers of two")
         if group.ranks != tuple(range(start, start + d)) or start % d:
             raise ValueError(

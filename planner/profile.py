@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from parallel import comm
 from parallel.context import ParallelContext
-from planner.cost import CostModel, zero_model_state_gb
+from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
 from runtime.model import SPBatch, build_model, layer_kinds
 
@@ -200,7 +200,7 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
 
 def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], repeats: int = 3) -> ProfileResult:
     """Measure ``config``'s model on ``world_size`` local processes and fit a CostModel."""
-    if world_size < 1 or world_size & (world_size - 1):
+    if not is_power_of_two(world_size):
         raise ValueError(f"profile needs a power-of-two number of processes, got {world_size}")
     if not lengths or any(s < world_size or s % world_size for s in lengths):
         raise ValueError(f"lengths must be multiples of the number of processes ({world_size}), got {lengths}")
