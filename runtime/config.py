@@ -62,6 +62,8 @@ class ModelConfig:
     """256 = the byte-level tokenizer."""
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (the MoE router state is a checkpoint input)."""
 
     def validate(self) -> None:
         if not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:

@@ -3,8 +3,8 @@
 ``model.layer_pattern`` ("LLLS", repeated to ``num_layers``) gives each layer's token mixer:
 L = linear attention with a learned per-head decay (LASP-2, or LASP-1 / Ulysses by config),
 S = softmax attention with RoPE and GQA (LASP-2H all-gather, or Ulysses). Each layer's FFN is a
-SwiGLU MLP. Pre-norm residual blocks with RMSNorm, byte-level vocabulary, optional tied
-embeddings.
+SwiGLU MLP (``ffn = "dense"``) or an MoE layer (``ffn = "moe"``, moe/). Pre-norm residual blocks
+with RMSNorm, byte-level vocabulary, optional tied embeddings.
 
 One forward pass runs on one rank's shard of a packed micro-batch: ``tokens`` are that rank's
 contiguous slice of the group's packed sequences and ``SPBatch`` says which group, where the
@@ -23,14 +23,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from moe.balance import BalanceTracker, SequenceLayout, sequence_ids
+from moe.layer import MoELayer
+from moe.metrics import RoutingMetrics
+from moe.router import make_gru_cell
 from parallel import comm
-from parallel.comm import Group
+from parallel.comm import Group, group_size
 from parallel.lasp2 import lasp2_attention
 from parallel.ring import lasp1_attention
 from parallel.softmax_sp import allgather_attention
 from parallel.ulysses import ulysses_attention, ulysses_linear_attention
-from runtime.config import ModelConfig, ParallelConfig
+from runtime.config import ModelConfig, MoEConfig, ParallelConfig
 
 __all__ = ["HybridLM", "SPBatch", "build_model", "layer_kinds"]
 
@@ -162,46 +167,157 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, kind: str, config: ModelConfig, parallel: ParallelConfig):
+    def __init__(self, kind: str, config: ModelConfig, parallel: ParallelConfig, ffn: nn.Module):
         super().__init__()
         self.kind = kind
         self.mix_norm, self.ffn_norm = RMSNorm(config.d_model), RMSNorm(config.d_model)
         self.mix = LinearAttention(config, parallel) if kind == "L" else SoftmaxAttention(config, parallel)
-        self.ffn = SwiGLU(config)
+        self.ffn = ffn
 
-    def forward(self, x: Tensor, batch: SPBatch) -> Tensor:
+    def forward(self, x: Tensor, batch: SPBatch, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         x = x + self.mix(self.mix_norm(x), batch)
-        return x + self.ffn(self.ffn_norm(x))
+        if isinstance(self.ffn, MoELayer):
+            out, router_state = self.ffn(self.ffn_norm(x), router_state)
+            return x + out, router_state
+        return x + self.ffn(self.ffn_norm(x)), router_state
 
 
 class HybridLM(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: ParallelConfig):
+    """The decoder. With ``model.ffn = "moe"`` every block's FFN is an ``MoELayer``; the model
+    owns the one GRU cell the recurrent routers share, and one ``BalanceTracker`` for all MoE
+    layers (so the global balance counts of every layer travel in one all-reduce)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        parallel: ParallelConfig,
+        moe: MoEConfig | None = None,
+        *,
+        balance_group: Group | None = None,
+        ep_group: Group | None = None,
+        seed: int = 0,
+        domain_names: tuple[str, ...] = (),
+    ):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(kind, config, parallel) for kind in layer_kinds(config))
+        kinds = layer_kinds(config)
+        self.gru_cell = None
+        self.tracker = self.routing_metrics = None
+        if config.ffn == "moe":
+            moe = moe or MoEConfig()
+            C = moe.chain_iterations
+            sites = [f"layer{i}" if C == 1 else f"layer{i}.iter{t}" for i in range(len(kinds)) for t in range(C)]
+            self.routing_metrics = RoutingMetrics(
+                num_sites=len(sites), num_experts=moe.num_experts, site_names=sites, domain_names=domain_names
+            )
+            self.tracker = BalanceTracker(
+                num_experts=moe.num_experts,
+                top_k=moe.top_k // C,
+                num_sites=len(sites),
+                balance=moe.balance,
+                coef=moe.balance_coef,
+                z_loss_coef=moe.z_loss_coef,
+                group=balance_group,
+                metrics=self.routing_metrics,
+            )
+            if moe.router == "gru":
+                self.gru_cell = make_gru_cell(moe.router_dim)
+            ffns = [self._moe_layer(config, moe, i, ep_group, seed) for i in range(len(kinds))]
+        else:
+            ffns = [SwiGLU(config) for _ in kinds]
+        self.blocks = nn.ModuleList(Block(kind, config, parallel, ffn) for kind, ffn in zip(kinds, ffns, strict=True))
         self.norm = RMSNorm(config.d_model)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(self._init)
+        for block in self.blocks:
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.reset_parameters()  # per-expert generators: see moe/layer.py
+
+    def _moe_layer(self, config: ModelConfig, moe: MoEConfig, index: int, ep_group: Group | None, seed: int):
+        return MoELayer(
+            config.d_model,
+            config.ffn_hidden,
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            router=moe.router,
+            router_dim=moe.router_dim,
+            gru_cell=self.gru_cell,
+            balance=moe.balance,
+            balance_coef=moe.balance_coef,
+            z_loss_coef=moe.z_loss_coef,
+            chain_iterations=moe.chain_iterations,
+            shared_expert=moe.shared_expert,
+            ep_size=moe.ep_size,
+            ep_group=ep_group,
+            tracker=self.tracker,
+            layer_index=index,
+            seed=seed,
+        )
 
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, tokens_BT: Tensor, batch: SPBatch) -> Tensor:
-        """Logits [B, T, vocab] of this rank's shard."""
+    def forward(
+        self,
+        tokens_BT: Tensor,
+        batch: SPBatch,
+        *,
+        token_normalizer: float | None = None,
+        num_sequences: float | None = None,
+        domains_T: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [B, T, vocab] of this rank's shard. MoE models: ``aux_loss()`` afterwards gives
+        the balance loss of this forward; ``token_normalizer`` / ``num_sequences`` (the global
+        batch's tokens / sequences) make it a share that sums exactly over ranks and micro-batches."""
+        if self.tracker is not None:
+            sequence = None
+            if self.tracker.balance == "sequence":
+                num_local = tokens_BT.numel()
+                seq_T = sequence_ids(batch.cu_seqlens, batch.offset, num_local, device=tokens_BT.device)
+                count = 1 if batch.cu_seqlens is None else batch.cu_seqlens.numel() - 1
+                group = None if group_size(batch.group) == 1 else batch.group
+                sequence = SequenceLayout(seq_T, count, group, num_sequences)
+            self.tracker.begin_microbatch(token_normalizer=token_normalizer, sequence=sequence, domains_T=domains_T)
         x = self.embed(tokens_BT)
+        router_state = None
         for block in self.blocks:
-            x = block(x, batch)
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                # the router state is an explicit input, so its gradient survives the recompute
+                x, router_state = checkpoint(block, x, batch, router_state, use_reentrant=False)
+            else:
+                x, router_state = block(x, batch, router_state)
         x = self.norm(x)
         return x @ self.embed.weight.T if self.head is None else self.head(x)
 
+    def aux_loss(self) -> Tensor:
+        """The MoE balance (+ z) loss of the last forward (0 for a dense model)."""
+        return torch.zeros(()) if self.tracker is None else self.tracker.loss()
 
-def build_model(config: ModelConfig, parallel: ParallelConfig) -> HybridLM:
-    """The model of ``config``; MoE FFNs arrive with moe/ (a clear error until then)."""
+    def end_step(self) -> None:
+        """After each optimizer step: reset the global-balance GA buffer."""
+        if self.tracker is not None:
+            self.tracker.end_step()
+
+
+def build_model(
+    config: ModelConfig,
+    parallel: ParallelConfig,
+    moe: MoEConfig | None = None,
+    *,
+    balance_group: Group | None = None,
+    ep_group: Group | None = None,
+    seed: int = 0,
+    domain_names: tuple[str, ...] = (),
+) -> HybridLM:
+    """The model of ``config``. ``balance_group``: the ranks the global balance loss counts over
+    (all ranks in training; None = this process only). ``ep_group``: this rank's expert-parallel
+    group (default: made through DeepSpeed when ``moe.ep_size`` > 1)."""
     if config.ffn == "moe":
-        raise ValueError(
-            "model.ffn = 'moe' needs the MoE layer (moe/), which has not landed in this version; use --model.ffn=dense"
-        )
-    return HybridLM(config, parallel)
+        moe = moe or MoEConfig()
+        moe.validate()
+    return HybridLM(
+        config, parallel, moe, balance_group=balance_group, ep_group=ep_group, seed=seed, domain_names=domain_names
+    )

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.config import ModelConfig, ParallelConfig
+from runtime.config import ModelConfig, MoEConfig, ParallelConfig
 from runtime.model import SPBatch, build_model, layer_kinds, positions_in_documents
 from tests.distributed import run_on_ranks
 
 FP32_TOL = 1e-5
 
 
-def tiny_config(decay: str = "per_head") -> ModelConfig:
+def tiny_config(decay: str = "per_head", ffn: str = "dense") -> ModelConfig:
     return ModelConfig(
         layer_pattern="LS",
         num_layers=2,
@@ -23,23 +23,27 @@ def tiny_config(decay: str = "per_head") -> ModelConfig:
         num_heads=4,
         num_kv_heads=2,
         ffn_hidden=48,
-        ffn="dense",
+        ffn=ffn,
         linear_decay=decay,
         vocab_size=256,
     )
 
 
-def loss_and_grads(model, tokens, targets, batch):
+def loss_and_grads(model, tokens, targets, batch, total=None):
     model.zero_grad()
-    logits = model(tokens, batch)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    logits = model(tokens, batch, token_normalizer=total)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") + model.aux_loss()
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _setup(decay, linear_sp, softmax_sp, total):
+MOE = MoEConfig(num_experts=4, top_k=2, router="gru", router_dim=8, balance="global", z_loss_coef=1e-3)
+
+
+def _setup(decay, linear_sp, softmax_sp, total, ffn="dense", group=None):
     torch.manual_seed(0)
-    model = build_model(tiny_config(decay), ParallelConfig(linear_sp=linear_sp, softmax_sp=softmax_sp))
+    parallel = ParallelConfig(linear_sp=linear_sp, softmax_sp=softmax_sp)
+    model = build_model(tiny_config(decay, ffn), parallel, MOE, balance_group=group)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 256, (1, total), generator=g)
     targets = torch.randint(0, 256, (1, total), generator=g)
@@ -47,13 +51,13 @@ def _setup(decay, linear_sp, softmax_sp, total):
     return model, tokens, targets, cu
 
 
-def _run_sharded(ctx, decay, linear_sp, softmax_sp, total):
-    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total)
+def _run_sharded(ctx, decay, linear_sp, softmax_sp, total, ffn="dense"):
+    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total, ffn, ctx.world)
     W, r = ctx.world_size, ctx.rank
     T = total // W
     local = slice(r * T, (r + 1) * T)
     batch = SPBatch(ctx.world, cu, r * T)
-    return loss_and_grads(model, tokens[:, local], targets[:, local], batch)
+    return loss_and_grads(model, tokens[:, local], targets[:, local], batch, total)
 
 
 @pytest.mark.parametrize("W", [2, 4])
@@ -66,11 +70,14 @@ def _run_sharded(ctx, decay, linear_sp, softmax_sp, total):
         ("none", "ulysses", "allgather"),
     ],
 )
-def test_sharded_model_equals_single_device(W, decay, linear_sp, softmax_sp):
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_sharded_model_equals_single_device(W, decay, linear_sp, softmax_sp, ffn):
+    """With MoE: GRU routers and the global balance loss over the SP group's ranks (the
+    shares, normalised by the batch's tokens, sum to the single-device balance loss)."""
     total = 24
-    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total)
+    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total, ffn)
     ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPBatch.single(cu))
-    results = run_on_ranks(W, _run_sharded, decay, linear_sp, softmax_sp, total)
+    results = run_on_ranks(W, _run_sharded, decay, linear_sp, softmax_sp, total, ffn)
     logits = torch.cat([res[0] for res in results], dim=1)
     assert ((logits - ref_logits).norm() / ref_logits.norm()).item() <= FP32_TOL
     for name, ref in ref_grads.items():
@@ -89,8 +96,3 @@ def test_positions_restart_in_every_document():
 def test_layer_pattern_repeats_to_num_layers():
     config = ModelConfig(layer_pattern="LLS", num_layers=5, ffn="dense")
     assert layer_kinds(config) == ["L", "L", "S", "L", "L"]
-
-
-def test_moe_ffn_is_a_clear_error_until_it_lands():
-    with pytest.raises(ValueError, match="--model.ffn=dense"):
-        build_model(ModelConfig(ffn="moe"), ParallelConfig())
