@@ -232,7 +232,7 @@ class BalanceTracker:
     ) -> None:
         """Start a micro-batch. ``domains_T`` (int labels per local token) feeds the per-domain
         expert-selection metric; ``sequence`` is required for balance='sequence'."""
-        if self._sync is not None:
+        if self._sync is not None and self._sync[1] is not None:
             self._sync[1].wait()  # a forward whose loss was never taken: finish its collective
         self._sites, self._sync, self._loss = {}, None, None
         self.token_normalizer, self.sequence, self.domains_T = token_normalizer, sequence, domains_T

@@ -183,7 +183,7 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
         backend=config.parallel.backend, device=config.parallel.device, init_method=f"file://{store}"
     )
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, config.parallel).to(ctx.device)
+    model = build_model(config.model, config.parallel, config.moe).to(ctx.device)
     rows = []
     for degree in _degrees(world_size):
         for length in lengths:
@@ -204,7 +204,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         raise ValueError(f"profile needs a power-of-two number of processes, got {world_size}")
     if not lengths or any(s < world_size or s % world_size for s in lengths):
         raise ValueError(f"lengths must be multiples of the number of processes ({world_size}), got {lengths}")
-    build_model(config.model, config.parallel)  # config errors surface here, before any process starts
+    build_model(config.model, config.parallel, config.moe)  # config errors surface here, before any process starts
     spawn = mp.get_context("spawn")
     queue = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:

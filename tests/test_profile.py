@@ -47,8 +47,6 @@ def test_bad_profile_arguments():
         profile_cost_model(config, world_size=3, lengths=[96])
     with pytest.raises(ValueError, match="multiples of the number of processes"):
         profile_cost_model(config, world_size=2, lengths=[63])
-    with pytest.raises(ValueError, match="--model.ffn=dense"):
-        profile_cost_model(load_config(None, []), world_size=2, lengths=[64])
 
 
 @pytest.mark.slow
