@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The main job: see README "Quickstart".
 run: install
-	$(BIN)/seqmoe bench sp --quick --out-dir runs/bench-sp-quick
+	$(BIN)/seqmoe launch configs/tiny-cpu.toml
 
 # The whole suite, multi-process cases included (CI runs this through .ci/run).
 test: install

@@ -221,6 +221,7 @@ class BalanceTracker:
         self.token_normalizer: float | None = None
         self.sequence: SequenceLayout | None = None
         self.domains_T: Tensor | None = None
+        self.valid_T: Tensor | None = None
 
     # ----------------------------------------------------------------------------------------
     def begin_microbatch(
@@ -229,17 +230,30 @@ class BalanceTracker:
         token_normalizer: float | None = None,
         sequence: SequenceLayout | None = None,
         domains_T: Tensor | None = None,
+        valid_T: Tensor | None = None,
     ) -> None:
         """Start a micro-batch. ``domains_T`` (int labels per local token) feeds the per-domain
-        expert-selection metric; ``sequence`` is required for balance='sequence'."""
+        expert-selection metric; ``sequence`` is required for balance='sequence'; ``valid_T``
+        (False on padding tokens) leaves padding out of every count, loss and metric."""
         if self._sync is not None and self._sync[1] is not None:
             self._sync[1].wait()  # a forward whose loss was never taken: finish its collective
         self._sites, self._sync, self._loss = {}, None, None
         self.token_normalizer, self.sequence, self.domains_T = token_normalizer, sequence, domains_T
+        self.valid_T = None if valid_T is None or bool(valid_T.all()) else valid_T
+        if self.valid_T is not None:
+            if self.domains_T is not None:
+                self.domains_T = self.domains_T[self.valid_T]
+            if sequence is not None:
+                self.sequence = SequenceLayout(
+                    sequence.seq_ids_T[self.valid_T], sequence.num_sequences, sequence.group, sequence.normalizer
+                )
 
     def record(self, site: int, routing: Routing) -> None:
         if not 0 <= site < self.num_sites:
             raise ValueError(f"BalanceTracker.record: site {site} outside [0, {self.num_sites})")
+        if self.valid_T is not None:
+            v = self.valid_T
+            routing = Routing(routing.logits_TE[v], routing.probs_TE[v], routing.experts_TK[v], routing.weights_TK[v])
         if not torch.is_grad_enabled():
             if self.metrics is not None:
                 self.metrics.observe(site, routing, self.domains_T)

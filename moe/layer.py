@@ -62,12 +62,12 @@ def validate_moe_options(
 
 
 def expert_parallel_group(ep_size: int) -> Group:
-    """This rank's expert-parallel group of ``ep_size`` consecutive ranks, created through
+    """This rank's expert-parallel group of ``ep_size`` consecutive ranks (SOLO for 1), created through
     DeepSpeed (``ep_size_<n>``, with its expert-data-parallel partner groups). Creating the groups
     is collective: every rank must call this with the same ``ep_size`` in the same order."""
-    if ep_size == 1:
-        return SOLO
     if not dist.is_initialized():
+        if ep_size == 1:
+            return SOLO
         raise ValueError(f"ep_size={ep_size} needs torch.distributed initialised (ParallelContext.initialize) first")
     world = dist.get_world_size()
     if world % ep_size:
@@ -80,8 +80,9 @@ def expert_parallel_group(ep_size: int) -> Group:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
+        # ep_size 1 too: DeepSpeed's engine looks up the expert-data-parallel group of every expert
         groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_group(name)
+    return SOLO if ep_size == 1 else groups._get_expert_parallel_group(name)
 
 
 class MoELayer(DeepSpeedMoE):

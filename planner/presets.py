@@ -213,8 +213,11 @@ def tiny_cpu(world_size: int | None = None) -> CostModel:
         # Python and gloo latency dominate a tiny model: tens of ms per micro-batch.
         beta_ms=50.0,
         # A synthetic cap (not the machine's RAM), about 630 tokens per rank, so that the
-        # 1024-token sequences of the demo need SP groups and the plan mixes degrees.
-        memory_budget_gb=0.05,
+        # 1024-token sequences of the demo need SP groups and the plan mixes degrees. The cap
+        # is on activations: the ZeRO-sharded model states come on top, whatever the world size.
+        memory_budget_gb=0.05
+        - zero_model_state_gb(TINY_CPU.params()[0], zero_stage=1, world_size=4)
+        + zero_model_state_gb(TINY_CPU.params()[0], zero_stage=1, world_size=world_size),
         world_size=world_size,
         zero_stage=1,
         bandwidth_gbps={2: 1.0, 4: 1.0, 8: 1.0},

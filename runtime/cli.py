@@ -25,21 +25,6 @@ BENCH_SUITES = {
     "moe": ("moe.py", "MoE balance, router and Chain-of-Experts overheads and quality"),
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
 }
-NOT_YET = {
-    "train": "training (runtime/: model, data, train loop, checkpoints)",
-    "launch": "launchers (launchers/: torchrun, Slurm, mpirun)",
-}
-
-
-def _not_available(command: str) -> int:
-    print(
-        f"seqmoe {command}: not available yet. It arrives with {NOT_YET[command]}, which has not landed "
-        "in this version. Nothing was run.",
-        file=sys.stderr,
-    )
-    return EXIT_NOT_AVAILABLE
-
-
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML preset (see configs/); defaults apply when omitted")
     parser.epilog = (
@@ -54,10 +39,58 @@ def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _cmd_needs_config(args: argparse.Namespace, overrides: list[str]) -> int:
-    # validate first: a bad config is reported as such even before the feature lands
-    load_config(args.config, overrides)
-    return _not_available(args.command)
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.config_file and args.config:
+        raise ConfigError(f"got the config twice ({args.config_file} and --config {args.config}); give it once")
+    config = load_config(args.config_file or args.config, overrides)
+    from runtime.train import TrainingError, main_train
+
+    try:
+        return main_train(config)
+    except TrainingError as exc:
+        print(f"seqmoe train: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    # imported here: the other subcommands do not need the launchers
+    from launchers import LaunchError, check_program, launch, train_program
+
+    if args.config_file and args.config:
+        raise ConfigError(f"got the config twice ({args.config_file} and --config {args.config}); give it once")
+    config_path = args.config_file or args.config
+    config = load_config(config_path, overrides)
+    if args.check:
+        out_dir = config.resolved_run_dir / "check"
+        # a rank file left by an earlier check must not pass for one of this job's ranks
+        for stale in out_dir.glob("rank*.json"):
+            stale.unlink()
+        world_size = config.launch.nnodes * config.launch.nproc_per_node
+        program, script_name = check_program(out_dir, world_size), "check.sbatch"
+    else:
+        program, script_name = train_program(config_path, overrides), "launch.sbatch"
+    try:
+        return launch(config, program, script_name=script_name, wait=args.wait, dry_run=args.dry_run)
+    except LaunchError as exc:
+        print(f"seqmoe launch: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_launch_args(launch: argparse.ArgumentParser) -> None:
+    launch.add_argument("config_file", nargs="?", metavar="CONFIG", help="TOML preset (same as --config PATH)")
+    _add_config_args(launch)
+    launch.add_argument(
+        "--check",
+        action="store_true",
+        help="run the cluster-setup check instead of training: rank discovery, a gloo all_reduce, one "
+        "<run dir>/check/rank<k>.json per rank",
+    )
+    launch.add_argument(
+        "--wait", action="store_true", help="slurm with launch.submit=true: wait for the job and return its exit code"
+    )
+    launch.add_argument(
+        "--dry-run", action="store_true", help="print the command (slurm: write the sbatch script) and start nothing"
+    )
 
 
 def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -178,12 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train on the ranks of this launch (run under `seqmoe launch` or torchrun)")
+    train.add_argument("config_file", nargs="?", metavar="CONFIG", help="TOML preset (same as --config PATH)")
     _add_config_args(train)
-    train.set_defaults(handler=_cmd_needs_config, takes_overrides=True)
+    train.set_defaults(handler=_cmd_train, takes_overrides=True)
 
-    launch = sub.add_parser("launch", help="start a multi-process training job with torchrun, Slurm or mpirun")
-    _add_config_args(launch)
-    launch.set_defaults(handler=_cmd_needs_config, takes_overrides=True)
+    launch = sub.add_parser(
+        "launch",
+        help="start a multi-process training job with torchrun, Slurm or mpirun",
+        description="Run `seqmoe train` on launch.nnodes × launch.nproc_per_node ranks with launch.launcher "
+        "(torchrun | slurm | mpirun); --check runs a cluster-setup check instead.",
+    )
+    _add_launch_args(launch)
+    launch.set_defaults(handler=_cmd_launch, takes_overrides=True)
 
     plan = sub.add_parser(
         "plan",

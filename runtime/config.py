@@ -11,6 +11,7 @@ to an equal object; every run writes it next to its outputs.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -219,12 +220,20 @@ class LaunchConfig:
     slurm_time: str = "00:30:00"
     submit: bool = False
     """slurm: submit the written sbatch script with sbatch."""
+    slurm_mode: Literal["torchrun", "srun"] = "torchrun"
+    """slurm: srun starts one torchrun per node (elastic restarts work), or one task per rank (srun)."""
 
     def validate(self) -> None:
         _positive("launch.nproc_per_node", self.nproc_per_node)
         _positive("launch.nnodes", self.nnodes)
         if self.max_restarts < 0:
             _fail("launch.max_restarts", self.max_restarts, "must be >= 0")
+        if self.max_restarts and (self.launcher == "mpirun" or self.launcher == "slurm" and self.slurm_mode == "srun"):
+            _fail(
+                "launch.max_restarts",
+                self.max_restarts,
+                "restarts need torchrun: use launch.launcher='torchrun', or 'slurm' with launch.slurm_mode='torchrun'",
+            )
 
 
 @dataclass(kw_only=True)
@@ -341,11 +350,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def _parse_override_value(text: str) -> Any:
-    """Read a command-line value as a TOML value (3, 1e-3, true, [1, 2], "x"); bare words are strings."""
+    """Read a command-line value as a TOML value (3, 1e-3, true, [1, 2], "x"); bare words are strings.
+
+    TOML dates and times stay strings: no field holds one, and ``--launch.slurm_time=00:30:00``
+    means Slurm's time string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if isinstance(value, datetime.date | datetime.time) else value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

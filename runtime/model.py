@@ -268,10 +268,12 @@ class HybridLM(nn.Module):
         token_normalizer: float | None = None,
         num_sequences: float | None = None,
         domains_T: Tensor | None = None,
+        valid_T: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, T, vocab] of this rank's shard. MoE models: ``aux_loss()`` afterwards gives
         the balance loss of this forward; ``token_normalizer`` / ``num_sequences`` (the global
-        batch's tokens / sequences) make it a share that sums exactly over ranks and micro-batches."""
+        batch's tokens / sequences) make it a share that sums exactly over ranks and micro-batches.
+        ``valid_T`` (False on padding) keeps padding tokens out of the balance loss and metrics."""
         if self.tracker is not None:
             sequence = None
             if self.tracker.balance == "sequence":
@@ -280,7 +282,9 @@ class HybridLM(nn.Module):
                 count = 1 if batch.cu_seqlens is None else batch.cu_seqlens.numel() - 1
                 group = None if group_size(batch.group) == 1 else batch.group
                 sequence = SequenceLayout(seq_T, count, group, num_sequences)
-            self.tracker.begin_microbatch(token_normalizer=token_normalizer, sequence=sequence, domains_T=domains_T)
+            self.tracker.begin_microbatch(
+                token_normalizer=token_normalizer, sequence=sequence, domains_T=domains_T, valid_T=valid_T
+            )
         x = self.embed(tokens_BT)
         router_state = None
         for block in self.blocks:

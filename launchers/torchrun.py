@@ -1,0 +1,40 @@
+"""Local multi-process launch with torchrun (``python -m torch.distributed.run``).
+
+The rendezvous is c10d on ``localhost:0``: torchrun binds a free port itself, so two jobs on
+one machine never collide and nothing needs a fixed port. ``launch.max_restarts`` maps to
+``--max-restarts``: when a worker fails, torchrun restarts all of them and the trainer resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from launchers.launch import LaunchError
+from runtime.config import LaunchConfig
+
+__all__ = ["torchrun_command"]
+
+
+def torchrun_command(settings: LaunchConfig, program: Sequence[str], *, python: str | None = None) -> list[str]:
+    """The torchrun command line that runs ``program`` (``-m MODULE ARGS``) on this machine's ranks."""
+    if settings.nnodes != 1:
+        raise LaunchError(
+            f"launch.nnodes={settings.nnodes} with launch.launcher='torchrun': this launcher starts processes on "
+            "this machine only; use --launch.launcher=slurm (one torchrun per node, started by srun), or "
+            "--launch.launcher=mpirun with a host file, or run torchrun on every node yourself"
+        )
+    if list(program[:1]) != ["-m"]:
+        raise ValueError(f"program must start with -m MODULE, got {list(program)!r}")
+    return [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={settings.nproc_per_node}",
+        "--nnodes=1",
+        f"--max-restarts={settings.max_restarts}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=localhost:0",
+        *program,
+    ]

@@ -1,0 +1,151 @@
+"""What a run leaves behind (rank 0 writes): metrics.jsonl, TensorBoard events, loss.png,
+plan.png, config.toml; and GPU telemetry through nvml when a GPU exists.
+
+``metrics.jsonl`` has one JSON object per step with at least ``step``, ``loss``, ``grad_norm``,
+``tokens``, ``step_time_s`` and a ``plan`` summary (DESIGN.md), plus ``aux_loss``, ``lr``,
+``tokens_per_s``, ``skipped``, the MoE routing summary under ``moe`` and ``eval_loss`` on
+evaluation steps. Lines are appended and flushed every step, so a killed run keeps its history;
+a resumed run first drops the lines of steps it is about to redo.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from planner.plan import StepPlan
+
+__all__ = ["RunOutputs", "gpu_telemetry", "plan_summary"]
+
+
+def plan_summary(plan: StepPlan) -> dict:
+    """Micro-batch count, SP degrees used (degree -> number of groups) and the planner's figures."""
+    degrees = Counter(len(g.ranks) for mb in plan.microbatches for g in mb.groups if g.seq_indices)
+    return {
+        "microbatches": len(plan.microbatches),
+        "degrees": {str(d): n for d, n in sorted(degrees.items())},
+        "predicted_time_s": plan.predicted_time_s,
+        "solve_time_s": plan.solve_time_s,
+        "solver": plan.solver,
+    }
+
+
+def plan_shape(summary: dict) -> str:
+    """'3mb 4×d1 2×d2' for the progress bar."""
+    groups = " ".join(f"{n}×d{d}" for d, n in summary["degrees"].items())
+    return f"{summary['microbatches']}mb {groups}"
+
+
+def gpu_telemetry() -> dict:
+    """Per-GPU memory (GiB), utilisation (%) and power (W); {} without a GPU or nvml."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no GPU, or no library: telemetry is optional
+        return {}
+    try:
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            out[f"gpu{i}"] = {
+                "memory_used_gib": mem.used / 2**30,
+                "memory_total_gib": mem.total / 2**30,
+                "utilization_pct": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3,
+            }
+        return out
+    except pynvml.NVMLError:
+        return {}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+class RunOutputs:
+    """Rank 0's writer of the run folder."""
+
+    def __init__(self, run_dir: Path, *, start_step: int):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.rows = self._kept_rows(start_step)
+        with self.metrics_path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _kept_rows(self, start_step: int) -> list[dict]:
+        if not self.metrics_path.exists() or start_step == 0:
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill mid-write
+            if row.get("step", start_step) < start_step:
+                rows.append(row)
+        return rows
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        for key in ("loss", "aux_loss", "grad_norm", "tokens_per_s", "step_time_s", "lr", "eval_loss"):
+            if isinstance(row.get(key), int | float):
+                self.tb.add_scalar(f"train/{key}", row[key], step)
+        for key in ("max_vio", "dead_experts", "topk_score_sum", "entropy"):
+            if key in row.get("moe", {}):
+                self.tb.add_scalar(f"moe/{key}", row["moe"][key], step)
+        self.tb.add_scalar("plan/predicted_time_s", row["plan"]["predicted_time_s"], step)
+        self.tb.add_scalar("plan/solve_time_s", row["plan"]["solve_time_s"], step)
+
+    def close(self) -> None:
+        self.tb.close()
+        self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if not r.get("skipped")]
+        if not rows:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+        evals = [r for r in rows if "eval_loss" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "loss.png", dpi=120)
+        plt.close(fig)
+
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        steps = [r["step"] for r in rows]
+        degrees = sorted({int(d) for r in rows for d in r["plan"]["degrees"]})
+        base = [0] * len(rows)
+        for d in degrees:
+            counts = [r["plan"]["degrees"].get(str(d), 0) for r in rows]
+            top.bar(steps, counts, bottom=base, label=f"SP degree {d}")
+            base = [b + c for b, c in zip(base, counts, strict=True)]
+        top.set_ylabel("groups per step")
+        top.legend(fontsize=8)
+        bottom.plot(steps, [r["step_time_s"] for r in rows], label="measured step time")
+        bottom.plot(steps, [r["plan"]["predicted_time_s"] for r in rows], label="planner's prediction")
+        bottom.plot(steps, [r["plan"]["solve_time_s"] for r in rows], label="planner solve time")
+        bottom.set_xlabel("step")
+        bottom.set_ylabel("seconds")
+        bottom.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "plan.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,297 @@
+"""`seqmoe train`: the training loop. Every step runs the planner's plan for that step's batch.
+
+    seqmoe launch configs/tiny-cpu.toml          # torchrun / Slurm / mpirun, one process per rank
+    seqmoe train  configs/tiny-cpu.toml          # what each rank runs (or one process alone)
+
+One step, as DESIGN.md draws it: the data gives step i's global batch (it depends only on the
+seed and i); rank 0's planner has already planned it while step i-1 trained and broadcasts the
+plan; each rank runs the plan's micro-batches with the plan's SP groups (runtime/step.py); the
+DeepSpeed engine sums gradients over all ranks (experts over their expert-data-parallel group),
+clips, and steps AdamW with a warmup-cosine schedule; the MoE balance buffer is reset; rank 0
+logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
+the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launchers.env import discover_environment
+from parallel.context import ParallelContext
+from planner.baselines import batch_adaptive, static_sp
+from planner.cost import CostModel
+from planner.plan import StepPlan
+from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.config import Config, to_toml
+from runtime.data import build_dataset
+from runtime.model import HybridLM, build_model
+from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
+from runtime.step import evaluate_plan, run_plan
+
+__all__ = ["TrainingError", "build_engine", "resolve_cost_model", "train"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (repeated non-finite steps, a batch the cluster cannot hold, ...)."""
+
+
+def resolve_cost_model(config: Config, world_size: int) -> CostModel:
+    """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
+    hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
+    from planner.dryrun import resolve_cost
+
+    spec = config.planner.cost_model
+    if spec != "auto":
+        return resolve_cost(spec, world_size)
+    if not torch.cuda.is_available():
+        return CostModel.preset("tiny-cpu", world_size=world_size)
+    import dataclasses
+
+    cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    budget = 0.9 * total_gb - cost.model_state_gb
+    return dataclasses.replace(cost, memory_budget_gb=budget, notes=cost.notes + f" Budget from {total_gb:.0f} GB.")
+
+
+def build_engine(model: HybridLM, config: Config):
+    """DeepSpeed engine: AdamW (MoE parameters in their own groups), warmup-cosine LR, clipping,
+    ZeRO stage ``train.zero_stage``."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    t = config.train
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if model.tracker is not None:
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # the plan decides micro-batches; we mark the boundary
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(t.steps, t.warmup_steps + 1),
+                "warmup_num_steps": t.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr / t.lr,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+class StepPlanner:
+    """Plans on rank 0 (step i+1 in the background while step i trains), broadcasts to all."""
+
+    def __init__(self, config: Config, cost: CostModel, ctx: ParallelContext, lengths_of):
+        self.mode, self.ctx, self.cost, self.lengths_of = config.planner.mode, ctx, cost, lengths_of
+        self.static_degree = config.planner.static_degree
+        self.kwargs = {"time_limit_s": config.planner.time_limit_s, "solver": config.planner.solver}
+        self.async_planner = None
+        if ctx.rank == 0 and self.mode == "flexsp" and config.planner.async_plan:
+            from planner.async_plan import AsyncPlanner
+
+            self.async_planner = AsyncPlanner(num_ranks=ctx.world_size, cost=cost, **self.kwargs)
+
+    def _plan_now(self, lengths: list[int]) -> StepPlan:
+        W = self.ctx.world_size
+        if self.mode == "static":
+            return static_sp(lengths, num_ranks=W, sp_degree=self.static_degree, cost=self.cost)
+        if self.mode == "batch_adaptive":
+            return batch_adaptive(lengths, num_ranks=W, cost=self.cost)
+        from planner.solver import plan_step
+
+        return plan_step(lengths, num_ranks=W, cost=self.cost, **self.kwargs)
+
+    def plan(self, step: int, last_step: int) -> StepPlan:
+        text = [None]
+        if self.ctx.rank == 0:
+            if self.async_planner is None:
+                plan = self._plan_now(self.lengths_of(step))
+            else:
+                if step not in self.async_planner.pending():
+                    self.async_planner.submit(step, self.lengths_of(step))
+                plan = self.async_planner.result(step)
+                if step + 1 < last_step:
+                    self.async_planner.submit(step + 1, self.lengths_of(step + 1))
+            text = [plan.to_json()]
+        if self.ctx.world_size > 1:
+            dist.broadcast_object_list(text, src=0, group=self.ctx.world)
+        return StepPlan.from_json(text[0])
+
+    def close(self) -> None:
+        if self.async_planner is not None:
+            self.async_planner.shutdown()
+
+
+def _all_sum(ctx: ParallelContext, values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if ctx.world_size > 1:
+        dist.all_reduce(t, group=ctx.world)
+    return t.tolist()
+
+
+def _check_fits(dataset, cost: CostModel, world: int, policy: str) -> None:
+    longest = int(max(dataset.train.lengths.max(), dataset.validation.lengths.max(initial=0)))
+    capacity = cost.max_sequence_length(world)
+    if longest > capacity:
+        raise TrainingError(
+            f"the data has a sequence of {longest} tokens but {world} ranks hold at most {capacity} tokens in one SP "
+            f"group under cost model {cost.name!r}: lower data.max_seq_len to <= {capacity} (policy "
+            f"{policy!r} then splits or truncates), use more ranks, or a cost model with more memory per rank"
+        )
+
+
+def train(config: Config, *, report=print) -> dict:
+    """Run ``config``; returns the last step's metrics row (on every rank)."""
+    discover_environment(expected_world_size=config.launch.nnodes * config.launch.nproc_per_node).export()
+    ctx = ParallelContext.initialize(
+        backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
+    )
+    t = config.train
+    torch.manual_seed(t.seed)  # identical non-expert parameters on every rank
+    dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
+    cost = resolve_cost_model(config, ctx.world_size)
+    _check_fits(dataset, cost, ctx.world_size, config.data.long_sequence_policy)
+    model = build_model(
+        config.model,
+        config.parallel,
+        config.moe,
+        balance_group=ctx.world,
+        seed=t.seed,
+        domain_names=dataset.domain_names,
+    ).to(ctx.device)
+    engine = build_engine(model, config)
+    run_dir = config.resolved_run_dir
+    start = load_checkpoint(engine, ctx, t.resume, run_dir / "checkpoints", report) if t.resume else 0
+    out = RunOutputs(run_dir, start_step=start) if ctx.rank == 0 else None
+    if out is not None:
+        (run_dir / "config.toml").write_text(to_toml(config))
+    planner = StepPlanner(config, cost, ctx, lambda i: dataset.train_batch(i, t.seed).lengths)
+    progress = _progress(ctx, start, t.steps)
+    bad_in_a_row, row = 0, {}
+    try:
+        for step in range(start, t.steps):
+            began = time.perf_counter()
+            batch = dataset.train_batch(step, t.seed)
+            plan = planner.plan(step, t.steps)
+            # the engine averages gradients over ranks; our per-rank losses are shares of one
+            # global loss whose gradients must be *summed*, hence the factor world_size
+            result = run_plan(
+                model,
+                ctx,
+                plan,
+                batch.sequences,
+                batch.domains,
+                forward=engine,
+                backward=lambda loss, last: _backward(engine, loss * ctx.world_size, last),
+            )
+            engine.step()
+            model.end_step()
+            loss_sum, aux_sum, tokens = _all_sum(ctx, [result.loss_sum, result.aux_loss, result.tokens])
+            loss = loss_sum / sum(len(s) - 1 for s in batch.sequences)
+            grad_norm = _grad_norm(engine)
+            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+            step_time = time.perf_counter() - began
+            row = {
+                "step": step,
+                "loss": loss,
+                "aux_loss": aux_sum,
+                "grad_norm": grad_norm,
+                "tokens": int(tokens),
+                "step_time_s": step_time,
+                "tokens_per_s": tokens / step_time,
+                "lr": engine.get_lr()[0],
+                "skipped": skipped,
+                "plan": plan_summary(plan),
+            }
+            if model.routing_metrics is not None:
+                row["moe"] = model.routing_metrics.summary(ctx.world)
+            if skipped and ctx.rank == 0:
+                report(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped")
+            if bad_in_a_row >= t.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
+                    "lower train.lr, raise train.warmup_steps or check the data"
+                )
+            if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+                row["eval_loss"] = _evaluate(model, ctx, dataset, planner, config)
+            if ctx.rank == 0:
+                row["gpu"] = gpu_telemetry() or None
+                out.log(row)
+                progress.set_postfix_str(
+                    f"loss {loss:.3f} | {row['tokens_per_s']:.0f} tok/s | plan {plan_shape(row['plan'])}"
+                )
+                progress.update(1)
+            every = t.checkpoint_every
+            if (every and (step + 1) % every == 0) or step + 1 == t.steps:
+                save_checkpoint(engine, ctx, run_dir / "checkpoints", step + 1, keep=t.keep_checkpoints)
+    finally:
+        planner.close()
+        if ctx.rank == 0:
+            progress.close()
+            if out is not None:
+                out.close()
+    ctx.destroy()
+    return row
+
+
+def _backward(engine, loss: torch.Tensor, last: bool) -> None:
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:  # ZeRO stage 0 does not compute it: the clipped parameters' norm
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    return float(norm)
+
+
+@torch.no_grad()
+def _evaluate(model: HybridLM, ctx: ParallelContext, dataset, planner: StepPlanner, config: Config) -> float:
+    model.eval()
+    loss_sum = targets = 0.0
+    for i in range(config.train.eval_batches):
+        batch = dataset.validation_batch(i, config.train.seed)
+        plan = batch_adaptive(batch.lengths, num_ranks=ctx.world_size, cost=planner.cost)
+        s, n = evaluate_plan(model, ctx, plan, batch.sequences, batch.domains)
+        loss_sum, targets = loss_sum + s, targets + n
+    model.train()
+    if model.routing_metrics is not None:
+        model.routing_metrics.reset()  # evaluation routing is not training routing
+    loss_sum, targets = _all_sum(ctx, [loss_sum, targets])
+    return loss_sum / max(targets, 1.0)
+
+
+def _progress(ctx: ParallelContext, start: int, steps: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, desc="train", unit="step", disable=ctx.rank != 0, dynamic_ncols=True)
+
+
+def main_train(config: Config) -> int:
+    """Entry point of ``seqmoe train`` (after the config is loaded)."""
+    row = train(config)
+    if row and int(__import__("os").environ.get("RANK", "0")) == 0:
+        path = Path(config.resolved_run_dir)
+        print(f"done: step {row['step']} loss {row['loss']:.4f}; outputs in {path}")
+    return 0
