@@ -25,6 +25,8 @@ BENCH_SUITES = {
     "moe": ("moe.py", "MoE balance, router and Chain-of-Experts overheads and quality"),
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
 }
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="PATH", help="TOML preset (see configs/); defaults apply when omitted")
     parser.epilog = (

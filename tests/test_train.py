@@ -94,9 +94,7 @@ def _loss_and_grads(ctx, plan_json: str, balance: str):
         engine.set_gradient_accumulation_boundary(last)
         engine.backward(loss * ctx.world_size, scale_wrt_gas=False)
 
-    result = run_plan(
-        model, ctx, StepPlan.from_json(plan_json), sequences, domains, forward=engine, backward=backward
-    )
+    result = run_plan(model, ctx, StepPlan.from_json(plan_json), sequences, domains, forward=engine, backward=backward)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return result.loss_sum, result.aux_loss, grads
 
