@@ -164,6 +164,13 @@ def train(config: Config, *, report=print) -> dict:
     ctx = ParallelContext.initialize(
         backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
     )
+    try:
+        return _train(ctx, config, report)
+    finally:
+        ctx.destroy()  # also on errors: a caller in the same process may start another job
+
+
+def _train(ctx: ParallelContext, config: Config, report) -> dict:
     t = config.train
     torch.manual_seed(t.seed)  # identical non-expert parameters on every rank
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
@@ -249,7 +256,6 @@ def train(config: Config, *, report=print) -> dict:
             progress.close()
             if out is not None:
                 out.close()
-    ctx.destroy()
     return row
 
 
