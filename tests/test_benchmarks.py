@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,34 @@ def test_planner_benchmark_writes_its_results(tmp_path):
     )
     # GPT-7B on 64 A100s: only SP=64 holds a 192K-token sequence
     assert summary["all"]["static_degree"] == 64
+
+
+@pytest.mark.slow
+def test_moe_benchmark_writes_its_results(tmp_path):
+    cmd = [sys.executable, "benchmarks/moe.py", "--quick", "--steps", "2", "--seeds", "1", "--seq-len", "64"]
+    cmd += ["--val-batches", "1", "--repeats", "1", "--world-size", "2", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "moe.json").read_text())
+    assert (tmp_path / "moe.png").stat().st_size > 0 and (tmp_path / "moe_domains.png").stat().st_size > 0
+    assert {"machine", "config", "summary", "overhead", "runs"} <= set(result)
+    assert result["machine"]["git_revision"]
+    variants = {"micro", "global", "global+gru", "global+coe"}
+    assert {r["variant"] for r in result["runs"]} == variants
+    assert {(r["ep_size"], r["weights"], r["variant"]) for r in result["overhead"]} == {
+        (2, w, v) for w in ("init", "trained") for v in variants
+    }
+    for row in result["overhead"]:
+        assert math.isfinite(row["median_wall_s"]) and row["median_wall_s"] > 0
+        assert row["all_to_all_bytes_max_rank"] > 0
+        # only global LBL adds an all-reduce (the counts of every MoE site, in one call per micro-batch)
+        assert (row["all_reduce_calls"] > 0) == row["variant"].startswith("global")
+    for run in result["runs"]:
+        assert all(math.isfinite(run[key]) for key in ("val_loss", "specialisation_jsd", "max_vio_global_batch"))
+        assert len(run["domain_frequency"]) == 4 * (2 if run["variant"] == "global+coe" else 1)
+    quality = result["summary"]["quality"]
+    assert set(quality["comparisons"]) == {"global_vs_micro", "gru_vs_linear", "coe_vs_moe"}
+    assert all("val_loss_verdict" in c for c in quality["comparisons"].values())
+    assert "specialisation_verdict" in quality["comparisons"]["global_vs_micro"]
+    assert {"pooled", "ep=2,init", "ep=2,trained"} == set(result["summary"]["overhead"])
+    for comparisons in result["summary"]["overhead"].values():
+        assert all(math.isfinite(c["wall_overhead_pct"]) for c in comparisons.values())
