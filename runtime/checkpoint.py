@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.context import ParallelContext
+from runtime.config import ConfigError
 
 __all__ = ["find_latest_valid", "load_checkpoint", "save_checkpoint"]
 
@@ -113,20 +114,23 @@ def find_latest_valid(root: Path, world_size: int, report=print) -> Path | None:
 def load_checkpoint(engine, ctx: ParallelContext, resume: str, root: Path, report=print) -> int:
     """Restore from ``resume`` ('auto' = newest valid under ``root``, or a checkpoint folder);
     returns the number of finished steps (0 = nothing to resume). Rank 0 decides, all follow."""
-    choice = [None]
+    choice = [None, None]  # [folder, error]: rank 0 decides, every rank follows (or raises)
     if ctx.rank == 0:
         if resume == "auto":
             folder = find_latest_valid(root, ctx.world_size, report)
+            choice[0] = None if folder is None else str(folder)
         else:
-            folder = Path(resume)
-            reason = check_checkpoint(folder, ctx.world_size) if folder.is_dir() else "no such folder"
-            if reason is not None:
-                raise ValueError(f"train.resume={resume!r}: {reason}; pass a valid checkpoint folder or 'auto'")
-        choice = [None if folder is None else str(folder)]
+            reason = check_checkpoint(Path(resume), ctx.world_size) if Path(resume).is_dir() else "no such folder"
+            if reason is None:
+                choice[0] = resume
+            else:
+                choice[1] = f"train.resume={resume!r}: {reason}; pass a valid checkpoint folder or 'auto'"
     if ctx.world_size > 1:
         dist.broadcast_object_list(choice, src=0, group=ctx.world)
+    if choice[1] is not None:
+        raise ConfigError(choice[1])
     if choice[0] is None:
-        if resume == "auto" and ctx.rank == 0:
+        if ctx.rank == 0:
             report(f"resume=auto: no valid checkpoint under {root}; starting from step 0")
         return 0
     folder = Path(choice[0])

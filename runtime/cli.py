@@ -45,11 +45,15 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.config_file and args.config:
         raise ConfigError(f"got the config twice ({args.config_file} and --config {args.config}); give it once")
     config = load_config(args.config_file or args.config, overrides)
+    from launchers.env import LaunchEnvError
+    from runtime.data import DataError
     from runtime.train import TrainingError, main_train
 
     try:
         return main_train(config)
-    except TrainingError as exc:
+    except (TrainingError, DataError, LaunchEnvError) as exc:
+        # bad data, a launcher environment that does not add up, an impossible batch: the
+        # message names the problem and the fix, a traceback would only hide it
         print(f"seqmoe train: {exc}", file=sys.stderr)
         return 1
 

@@ -15,6 +15,7 @@ the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -186,7 +187,12 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
     ).to(ctx.device)
     engine = build_engine(model, config)
     run_dir = config.resolved_run_dir
-    start = load_checkpoint(engine, ctx, t.resume, run_dir / "checkpoints", report) if t.resume else 0
+    # a torchrun elastic restart (a rank died) resumes from the last checkpoint by itself
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = t.resume or ("auto" if restarted else "")
+    if restarted and ctx.rank == 0:
+        report(f"elastic restart #{os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the last checkpoint")
+    start = load_checkpoint(engine, ctx, resume, run_dir / "checkpoints", report) if resume else 0
     out = RunOutputs(run_dir, start_step=start) if ctx.rank == 0 else None
     if out is not None:
         (run_dir / "config.toml").write_text(to_toml(config))
@@ -297,7 +303,7 @@ def _progress(ctx: ParallelContext, start: int, steps: int):
 def main_train(config: Config) -> int:
     """Entry point of ``seqmoe train`` (after the config is loaded)."""
     row = train(config)
-    if row and int(__import__("os").environ.get("RANK", "0")) == 0:
+    if row and int(os.environ.get("RANK", "0")) == 0:
         path = Path(config.resolved_run_dir)
         print(f"done: step {row['step']} loss {row['loss']:.4f}; outputs in {path}")
     return 0

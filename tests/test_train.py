@@ -197,3 +197,63 @@ def test_launch_trains_resumes_exactly_and_skips_a_corrupt_checkpoint(tmp_path):
     assert "step_000004 skipped" in third.stdout + third.stderr
     assert "resumed from" in third.stdout + third.stderr
     assert [r["loss"] for r in rows(split_dir)] == [r["loss"] for r in full_rows]
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str], int, list[str]]]:
+    """name -> (argv overrides, environment, exit code, phrases the message must contain)."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": 3}\n')
+    megatron = tmp_path / "corpus"
+    (tmp_path / "corpus.bin").write_bytes(b"\0" * 64)
+    (tmp_path / "corpus.idx").write_bytes(b"not an index at all")
+    return {
+        "bad config value": (["--moe.top_k=9"], {}, 2, ["moe.top_k", "num_experts"]),
+        "missing data": (
+            ["--data.source=jsonl", f"--data.path={tmp_path / 'nowhere.jsonl'}"],
+            {},
+            1,
+            ["nowhere.jsonl"],
+        ),
+        "unreadable jsonl": (["--data.source=jsonl", f"--data.path={broken}"], {}, 1, ["line 2", "text"]),
+        "corrupt megatron dataset": (["--data.source=megatron", f"--data.path={megatron}"], {}, 1, ["corpus.idx"]),
+        "sequence longer than the cluster holds": (["--data.max_seq_len=1024"], {}, 1, ["1024 tokens", "max_seq_len"]),
+        "inconsistent launcher environment": ([], {"RANK": "3", "WORLD_SIZE": "2"}, 1, ["RANK", "WORLD_SIZE"]),
+        "resume from a missing checkpoint": ([f"--train.resume={tmp_path / 'nope'}"], {}, 2, ["train.resume"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad config value",
+        "missing data",
+        "unreadable jsonl",
+        "corrupt megatron dataset",
+        "sequence longer than the cluster holds",
+        "inconsistent launcher environment",
+        "resume from a missing checkpoint",
+    ],
+)
+def test_bad_input_is_a_clear_error(case, tmp_path):
+    """`seqmoe train` on bad input: a non-zero exit, one message naming the problem, no traceback,
+    and nothing written to the run folder except by a case that fails after start-up."""
+    overrides, env, code, phrases = _bad_inputs(tmp_path)[case]
+    repo = Path(__file__).resolve().parent.parent
+    argv = [
+        "train",
+        str(repo / "configs/tiny-cpu.toml"),
+        "--launch.nproc_per_node=1",
+        "--data.max_seq_len=512",
+        f"--train.run_dir={tmp_path / 'run'}",
+        *overrides,
+    ]
+    clean = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    exe = Path(sys.executable).parent / "seqmoe"
+    result = subprocess.run(
+        [str(exe), *argv], cwd=tmp_path, env={**clean, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in result.stderr, (phrase, result.stderr[-2000:])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
