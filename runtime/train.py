@@ -84,8 +84,9 @@ def build_engine(model: HybridLM, config: Config):
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(t.steps, t.warmup_steps + 1),
-                "warmup_num_steps": t.warmup_steps,
-                "warmup_min_ratio": 0.0,
+                # DeepSpeed needs >= 1 warmup step; no warmup = that step already at the full rate
+                "warmup_num_steps": max(t.warmup_steps, 1),
+                "warmup_min_ratio": 0.0 if t.warmup_steps else 1.0,
                 "cos_min_ratio": t.min_lr / t.lr,
                 "warmup_type": "linear",
             },
@@ -215,11 +216,10 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
                 forward=engine,
                 backward=lambda loss, last: _backward(engine, loss * ctx.world_size, last),
             )
-            engine.step()
+            grad_norm = _optimizer_step(engine, ctx, t.zero_stage, config.moe.ep_size)
             model.end_step()
             loss_sum, aux_sum, tokens = _all_sum(ctx, [result.loss_sum, result.aux_loss, result.tokens])
             loss = loss_sum / sum(len(s) - 1 for s in batch.sequences)
-            grad_norm = _grad_norm(engine)
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
             step_time = time.perf_counter() - began
@@ -239,11 +239,6 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
                 row["moe"] = model.routing_metrics.summary(ctx.world)
             if skipped and ctx.rank == 0:
                 report(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped")
-            if bad_in_a_row >= t.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
-                    "lower train.lr, raise train.warmup_steps or check the data"
-                )
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
                 row["eval_loss"] = _evaluate(model, ctx, dataset, planner, config)
             if ctx.rank == 0:
@@ -253,6 +248,11 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
                     f"loss {loss:.3f} | {row['tokens_per_s']:.0f} tok/s | plan {plan_shape(row['plan'])}"
                 )
                 progress.update(1)
+            if bad_in_a_row >= t.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
+                    "lower train.lr, raise train.warmup_steps or check the data"
+                )
             every = t.checkpoint_every
             if (every and (step + 1) % every == 0) or step + 1 == t.steps:
                 save_checkpoint(engine, ctx, run_dir / "checkpoints", step + 1, keep=t.keep_checkpoints)
@@ -270,12 +270,32 @@ def _backward(engine, loss: torch.Tensor, last: bool) -> None:
     engine.backward(loss, scale_wrt_gas=False)
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:  # ZeRO stage 0 does not compute it: the clipped parameters' norm
-        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.stack(grads).norm() if grads else torch.zeros(())
-    return float(norm)
+def _optimizer_step(engine, ctx: ParallelContext, zero_stage: int, ep_size: int) -> float:
+    """Clip and step; returns the global gradient norm, which is inf or nan when the update was
+    skipped because a gradient was not finite."""
+    if zero_stage > 0:
+        engine.step()  # ZeRO-1/2 compute the global norm and skip a non-finite step themselves
+        norm = engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+    # stage 0: the engine summed the gradients at the last backward; check them before stepping.
+    # Shared parameters are identical on every rank; each expert lives on world/ep_size ranks.
+    from deepspeed.moe.utils import is_moe_param
+
+    shared = expert = 0.0
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            sq = float(p.grad.detach().double().pow(2).sum())
+            if is_moe_param(p):
+                expert += sq
+            else:
+                shared += sq
+    copies = ctx.world_size // ep_size
+    norm = math.sqrt(shared + _all_sum(ctx, [expert])[0] / copies)
+    if math.isfinite(norm):
+        engine.step()
+    else:
+        engine.zero_grad()
+    return norm
 
 
 @torch.no_grad()

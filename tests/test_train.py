@@ -25,7 +25,7 @@ FP32_TOL = 1e-5
 LENGTHS = [37, 5, 120, 64, 9, 200]
 
 
-def _config(zero_stage: int = 0, balance: str = "sequence"):
+def _config(zero_stage: int = 0, balance: str = "sequence", ep_size: int = 1):
     return load_config(
         "configs/tiny-cpu.toml",
         [
@@ -38,6 +38,7 @@ def _config(zero_stage: int = 0, balance: str = "sequence"):
             f"--train.zero_stage={zero_stage}",
             "--train.grad_clip=0",
             f"--moe.balance={balance}",
+            f"--moe.ep_size={ep_size}",
         ],
     )
 
@@ -79,12 +80,12 @@ def _plans(world: int) -> dict[str, StepPlan]:
     }
 
 
-def _loss_and_grads(ctx, plan_json: str, balance: str):
+def _loss_and_grads(ctx, plan_json: str, balance: str, ep_size: int):
     from runtime.model import build_model
     from runtime.step import run_plan
     from runtime.train import build_engine
 
-    config = _config(balance=balance)
+    config = _config(balance=balance, ep_size=ep_size)
     torch.manual_seed(0)
     model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world)
     engine = build_engine(model, config)
@@ -100,8 +101,8 @@ def _loss_and_grads(ctx, plan_json: str, balance: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("balance", ["sequence", "global"])
-def test_plan_invariance_of_loss_and_gradients(balance):
+@pytest.mark.parametrize("balance,ep_size", [("sequence", 1), ("global", 1), ("sequence", 2)])
+def test_plan_invariance_of_loss_and_gradients(balance, ep_size):
     """Sequence-level balance is plan-invariant under any plan. The global balance loss follows
     the paper's gradient-accumulation buffer (micro-batch m sees the counts of micro-batches
     1..m), so its gradient depends on how a plan cuts the step into micro-batches; it is
@@ -111,16 +112,16 @@ def test_plan_invariance_of_loss_and_gradients(balance):
     if balance == "global":
         plans = {name: plan for name, plan in plans.items() if len(plan.microbatches) == 1}
         assert len(plans) >= 2
-    runs = {name: run_on_ranks(W, _loss_and_grads, plan.to_json(), balance) for name, plan in plans.items()}
+    runs = {name: run_on_ranks(W, _loss_and_grads, plan.to_json(), balance, ep_size) for name, plan in plans.items()}
     ref_name = next(iter(runs))
     ref_loss = sum(r[0] for r in runs[ref_name])
     ref_aux = sum(r[1] for r in runs[ref_name])
-    ref_grads = runs[ref_name][0][2]
     for name, results in runs.items():
         assert abs(sum(r[0] for r in results) - ref_loss) <= FP32_TOL * ref_loss, name
         assert abs(sum(r[1] for r in results) - ref_aux) <= FP32_TOL * ref_aux, name
-        for rank_result in results:  # the engine leaves the summed gradient on every rank
-            for pname, g in ref_grads.items():
+        # the engine leaves the summed gradient on every rank (experts: on every rank holding them)
+        for rank_result, ref_result in zip(results, runs[ref_name], strict=True):
+            for pname, g in ref_result[2].items():
                 err = ((rank_result[2][pname] - g).norm() / g.norm().clamp_min(1e-30)).item()
                 assert err <= FP32_TOL, (name, pname, err)
 
@@ -257,3 +258,34 @@ def test_bad_input_is_a_clear_error(case, tmp_path):
     for phrase in phrases:
         assert phrase in result.stderr, (phrase, result.stderr[-2000:])
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_non_finite_steps_are_skipped_reported_and_stop_the_run(zero_stage, tmp_path):
+    """An absurd learning rate makes the loss blow up after a few steps: each non-finite step is
+    skipped and reported, and the run stops with a clear error after train.max_bad_steps."""
+    repo = Path(__file__).resolve().parent.parent
+    args = [
+        "train",
+        str(repo / "configs/tiny-cpu.toml"),
+        "--launch.nproc_per_node=1",
+        "--data.max_seq_len=256",
+        "--data.global_batch_sequences=4",
+        "--model.d_model=32",
+        "--train.lr=1e5",
+        "--train.warmup_steps=0",
+        "--train.grad_clip=0",
+        "--train.steps=12",
+        "--train.eval_every=0",
+        "--train.max_bad_steps=2",
+        f"--train.zero_stage={zero_stage}",
+        f"--train.run_dir={tmp_path}",
+    ]
+    result = _seqmoe(*args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "2 steps in a row had a non-finite loss or gradient" in result.stderr
+    assert "update skipped" in result.stdout + result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows[-2:]] == [True, True] and not rows[0]["skipped"]
+    assert len(rows) < 12
