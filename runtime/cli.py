@@ -190,7 +190,20 @@ def _add_plan_args(plan: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    script_name, _ = BENCH_SUITES[args.suite]
+    if args.suite != "all":
+        return _run_suite(args.suite, args.bench_args)
+    # every suite, one after another, with the same arguments (--quick, --out-dir)
+    for suite in BENCH_SUITES:
+        print(f"seqmoe bench all: {suite}", flush=True)
+        code = _run_suite(suite, args.bench_args)
+        if code:
+            print(f"seqmoe bench all: suite {suite} failed (exit code {code}); later suites not run", file=sys.stderr)
+            return code
+    return 0
+
+
+def _run_suite(suite: str, bench_args: list[str]) -> int:
+    script_name, _ = BENCH_SUITES[suite]
     script = REPO_ROOT / "benchmarks" / script_name
     if not (REPO_ROOT / "benchmarks").is_dir():
         print(
@@ -200,11 +213,11 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         return 1
     if not script.is_file():
         print(
-            f"seqmoe bench {args.suite}: not available yet (benchmarks/{script_name} has not landed). Nothing was run.",
+            f"seqmoe bench {suite}: not available yet (benchmarks/{script_name} has not landed). Nothing was run.",
             file=sys.stderr,
         )
         return EXIT_NOT_AVAILABLE
-    command = [sys.executable, str(script), *args.bench_args]
+    command = [sys.executable, str(script), *bench_args]
     return subprocess.call(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
 
@@ -256,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite; writes JSON + PNG under benchmarks/results/")
     bench.add_argument(
         "suite",
-        choices=sorted(BENCH_SUITES),
-        help="; ".join(f"{name}: {text}" for name, (_, text) in sorted(BENCH_SUITES.items())),
+        nargs="?",
+        default="all",
+        choices=["all", *sorted(BENCH_SUITES)],
+        help="all (the default): every suite in turn; "
+        + "; ".join(f"{name}: {text}" for name, (_, text) in sorted(BENCH_SUITES.items())),
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the suite (e.g. --quick)")
     bench.set_defaults(handler=_cmd_bench, takes_overrides=False)
@@ -270,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
+        argv.insert(1, "all")  # `seqmoe bench --quick`: every suite, with the suite arguments
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--") and "." in a.split("=", 1)[0]]
     unknown = [a for a in rest if a not in overrides]

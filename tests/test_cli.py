@@ -95,3 +95,16 @@ def test_profile_writes_a_cost_model_the_planner_reads(tmp_path, capsys):
     assert "fit: mean |error|" in capsys.readouterr().out
     cost = CostModel.from_json(out.read_text())
     assert cost.quad_ms >= 0 and cost.lin_ms >= 0 and cost.act_mb_per_token > 0
+
+
+def test_bench_without_a_suite_runs_every_suite_with_the_same_arguments(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(cli, "_run_suite", lambda suite, args: ran.append((suite, args)) or 0)
+    assert cli.main(["bench", "--quick", "--out-dir", "out"]) == 0
+    assert [suite for suite, _ in ran] == list(cli.BENCH_SUITES)
+    assert all(args == ["--quick", "--out-dir", "out"] for _, args in ran)
+    ran.clear()
+    monkeypatch.setattr(cli, "_run_suite", lambda suite, args: ran.append(suite) or (3 if suite == "planner" else 0))
+    assert cli.main(["bench"]) == 3
+    assert ran == ["sp", "planner"]  # stops at the first failing suite
+    assert "suite planner failed" in capsys.readouterr().err
