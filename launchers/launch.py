@@ -8,6 +8,7 @@ diagnostic check (``python -m launchers.check``) go through the same code.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -69,17 +70,21 @@ def launch(
         return slurm.launch_slurm(config, program, script_name=script_name, wait=wait, dry_run=dry_run)
     if wait:
         print(f"seqmoe launch: --wait applies to Slurm; {settings.launcher} always waits for the job", file=sys.stderr)
+    extra_env: dict[str, str] = {}
     if settings.launcher == "torchrun":
         command = torchrun.torchrun_command(settings, program)
+        extra_env = torchrun.TORCHRUN_ENV
     else:
         command = mpirun.mpirun_command(settings, program)
-    print(f"seqmoe launch: {shlex.join(command)}", file=sys.stderr, flush=True)
-    return 0 if dry_run else run_command(command)
+        extra_env = mpirun.mpirun_env(settings)
+    assignments = [f"{name}={value}" for name, value in extra_env.items()]
+    print(f"seqmoe launch: {shlex.join(assignments + command)}", file=sys.stderr, flush=True)
+    return 0 if dry_run else run_command(command, env=os.environ | extra_env if extra_env else None)
 
 
-def run_command(command: Sequence[str]) -> int:
+def run_command(command: Sequence[str], *, env: dict[str, str] | None = None) -> int:
     """Run a launcher in the foreground; Ctrl-C reaches it too (same process group), we wait for it."""
-    process = subprocess.Popen(list(command))
+    process = subprocess.Popen(list(command), env=env)
     try:
         return process.wait()
     except KeyboardInterrupt:

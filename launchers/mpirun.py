@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from launchers.launch import LaunchError
 from runtime.config import LaunchConfig
 
-__all__ = ["find_mpiexec", "mpirun_command"]
+__all__ = ["find_mpiexec", "mpirun_command", "mpirun_env"]
 
 
 def find_mpiexec() -> str:
@@ -41,3 +41,12 @@ def mpirun_command(
     file or the surrounding Slurm allocation, as usual for that MPI."""
     world_size = settings.nnodes * settings.nproc_per_node
     return [mpiexec or find_mpiexec(), "-n", str(world_size), python or sys.executable, *program]
+
+
+def mpirun_env(settings: LaunchConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Variables to add for mpiexec's ranks: one OpenMP thread each unless OMP_NUM_THREADS is set, as
+    torchrun does; otherwise every rank starts a thread per core and the ranks oversubscribe the machine."""
+    environ = os.environ if environ is None else environ
+    if settings.nproc_per_node > 1 and "OMP_NUM_THREADS" not in environ:
+        return {"OMP_NUM_THREADS": "1"}
+    return {}

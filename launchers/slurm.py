@@ -23,6 +23,7 @@ from pathlib import Path
 
 from launchers.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from launchers.launch import LaunchError
+from launchers.torchrun import TORCHRUN_ENV
 from runtime.config import Config
 
 __all__ = ["launch_slurm", "sbatch_script", "submit", "write_sbatch"]
@@ -54,6 +55,9 @@ def sbatch_script(config: Config, program: Sequence[str], *, workdir: str | Path
     if settings.slurm_mode == "srun":
         body = [
             "# one task per rank; each derives its rank, the first node and the job's port from Slurm's variables",
+            "# one OpenMP thread per CPU of the task (torchrun does the same for its workers); unset, every rank",
+            "# starts a thread per core of the node where tasks are not bound to their CPUs, and they oversubscribe it",
+            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
             f"srun --ntasks-per-node={per_node} --kill-on-bad-exit=1 {python} {args}",
         ]
     else:
@@ -62,6 +66,8 @@ def sbatch_script(config: Config, program: Sequence[str], *, workdir: str | Path
             "# the job id (the same formula as launchers/env.py), so concurrent jobs do not collide",
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
             f"port=$(({SLURM_PORT_BASE} + SLURM_JOB_ID % {SLURM_PORT_SPAN}))",
+            "# a fresh rendezvous store for every restart's workers (see launchers/torchrun.py)",
+            *(f"export {name}={shlex.quote(value)}" for name, value in TORCHRUN_ENV.items()),
             f"srun --ntasks-per-node=1 --cpus-per-task={per_node} --kill-on-bad-exit=1 \\",
             f"    {python} -m torch.distributed.run --nnodes={settings.nnodes} --nproc-per-node={per_node} \\",
             f'    --max-restarts={settings.max_restarts} --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d \\',

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from launchers.launch import LaunchError
 from runtime.config import LaunchConfig
 
-__all__ = ["torchrun_command"]
+__all__ = ["TORCHRUN_ENV", "torchrun_command"]
+
+# Environment for every torchrun agent that seqmoe starts (locally and in the sbatch script).
+# By default the c10d rendezvous shares the agent's TCPStore with the workers, and every restart's
+# workers use the same keys in it: the restarted ranks read the dead ranks' gloo addresses and hang
+# in their first new_group (pytorch/pytorch#135712). Opting out gives each attempt a fresh store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def torchrun_command(settings: LaunchConfig, program: Sequence[str], *, python: str | None = None) -> list[str]:

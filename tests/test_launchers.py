@@ -1,9 +1,12 @@
-"""Launchers: rank discovery per source and its errors, the commands each launcher builds, and
-real 2-rank check jobs under torchrun, mpiexec (the mpich wheel) and a real one-node Slurm."""
+"""Launchers: rank discovery per source and its errors, the commands each launcher builds,
+real 2-rank check jobs under torchrun, mpiexec (the mpich wheel) and a real one-node Slurm, and
+real 3-step trainings through `seqmoe launch` under Slurm (both slurm modes) and mpirun.
+The torchrun fault test (a worker SIGKILLed, the job restarts and resumes) is in test_fault.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import pytest
 
 from launchers import DistEnv, LaunchEnvError, LaunchError, check_program, discover_environment
 from launchers.env import first_host, slurm_port
-from launchers.mpirun import mpirun_command
+from launchers.mpirun import mpirun_command, mpirun_env
 from launchers.slurm import sbatch_script
 from launchers.torchrun import torchrun_command
 from runtime import cli
@@ -22,6 +25,17 @@ from runtime.config import ConfigError, load_config
 from tests.slurm_fixture import slurm_cluster, unavailable_reason
 
 SEQMOE = Path(sys.executable).parent / "seqmoe"
+REPO = Path(__file__).resolve().parent.parent
+# a small, fast training of the tiny-cpu preset on 2 ranks (~10 s a launch on 2 CPU cores)
+TRAIN_ARGS = (
+    str(REPO / "configs" / "tiny-cpu.toml"),
+    "--launch.nproc_per_node=2",
+    "--data.global_batch_sequences=4",
+    "--data.max_seq_len=256",
+    "--model.d_model=32",
+    "--planner.mode=batch_adaptive",
+    "--train.eval_every=0",
+)
 LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "MV2_", "MPI_LOCAL", "HYDRA_")
 TORCHRUN_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -30,6 +44,30 @@ def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment without any launcher's variables: a test may itself run inside a job."""
     env = dict(os.environ if base is None else base)
     return {k: v for k, v in env.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in TORCHRUN_NAMES}
+
+
+def job_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``clean_env`` plus what a training job needs wherever its ranks start (Slurm passes the
+    submitter's environment on to the job): DeepSpeed's CPU accelerator and this venv's bin/ first
+    on PATH (torch builds DeepSpeed's CPU ops with the venv's ninja)."""
+    env = clean_env(base)
+    env["DS_ACCELERATOR"] = "cpu"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+    return env
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a run, one dict per line."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_trained(run_dir: Path, steps: int) -> list[dict]:
+    """metrics.jsonl has each step 0..steps-1 exactly once, in order, with a finite, unskipped loss."""
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(steps)), [r["step"] for r in rows]
+    for row in rows:
+        assert math.isfinite(row["loss"]) and row["loss"] > 0 and not row["skipped"], row
+    return rows
 
 
 def slurm_task(**extra: str | None) -> dict[str, str | None]:
@@ -219,6 +257,13 @@ def test_mpirun_without_mpiexec_names_the_fix(monkeypatch, tmp_path):
         mpirun_command(load_config().launch, ["-m", "x"])
 
 
+def test_mpirun_ranks_get_one_openmp_thread_unless_set():
+    settings = load_config(None, ["--launch.launcher=mpirun"]).launch
+    assert mpirun_env(settings, {}) == {"OMP_NUM_THREADS": "1"}  # as torchrun does: no oversubscription
+    assert mpirun_env(settings, {"OMP_NUM_THREADS": "4"}) == {}
+    assert mpirun_env(load_config(None, ["--launch.nproc_per_node=1"]).launch, {}) == {}
+
+
 def test_restarts_need_torchrun():
     with pytest.raises(ConfigError, match="launch.max_restarts"):
         load_config(None, ["--launch.launcher=slurm", "--launch.slurm_mode=srun", "--launch.max_restarts=1"])
@@ -233,6 +278,10 @@ def test_sbatch_script(mode, tmp_path):
         assert line in script
     assert f"#SBATCH --ntasks-per-node={1 if mode == 'torchrun' else 4}" in script
     assert ("--rdzv-endpoint=" in script) == (mode == "torchrun")
+    # torchrun's restarts need a fresh rendezvous store per attempt (launchers/torchrun.py)
+    assert ("export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in script) == (mode == "torchrun")
+    # srun's ranks get one OpenMP thread per CPU of their task, as torchrun gives its workers
+    assert ('export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"' in script) == (mode == "srun")
     assert "launchers.check" in script and "--expected-world-size 8" in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell
 
@@ -240,7 +289,9 @@ def test_sbatch_script(mode, tmp_path):
 def test_launch_cli_dry_run_and_config_argument(tmp_path, capsys):
     argv = ["launch", "configs/tiny-cpu.toml", "--check", "--dry-run", f"--train.run_dir={tmp_path}"]
     assert cli.main(argv) == 0
-    assert "--nproc-per-node=4" in capsys.readouterr().err  # from the positional config
+    err = capsys.readouterr().err
+    assert "--nproc-per-node=4" in err  # from the positional config
+    assert "seqmoe launch: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in err  # the environment torchrun runs with
     assert cli.main([*argv, "--launch.launcher=slurm"]) == 0
     assert "sbatch" in capsys.readouterr().out and (tmp_path / "check.sbatch").is_file()
     assert cli.main([*argv, "--config", "configs/tiny-cpu.toml"]) == 2
@@ -334,3 +385,59 @@ def test_slurm_launch_check(slurm, mode, source, tmp_path):
     assert "seqmoe check OK: 2 ranks" in outputs
     records = read_ranks(tmp_path / "check")
     assert {r["source"] for r in records} == {source}
+
+
+# ---- real 2-rank trainings through `seqmoe launch` ---------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["torchrun", "srun"])
+def test_slurm_launch_trains(slurm, mode, tmp_path):
+    """sbatch --wait of a 3-step training: the job's exit status, metrics.jsonl, and the job's output."""
+    command = [
+        str(SEQMOE),
+        "launch",
+        *TRAIN_ARGS,
+        "--wait",
+        "--launch.launcher=slurm",
+        "--launch.submit=true",
+        f"--launch.slurm_mode={mode}",
+        "--launch.slurm_time=00:05:00",
+        "--train.steps=3",
+        f"--train.run_dir={tmp_path}",
+    ]
+    env = job_env(slurm.env) | {"SLURM_CONF": slurm.env["SLURM_CONF"]}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    outputs = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("slurm-*.out")}
+    report = result.stdout + result.stderr + "".join(f"\n--- {k}\n{v[-4000:]}" for k, v in outputs.items())
+    assert result.returncode == 0, report  # sbatch --wait: the job's own exit status
+    assert "finished; output:" in result.stdout, report
+    assert len(outputs) == 1, report
+    (output,) = outputs.values()
+    assert "done: step 2 loss" in output, report  # rank 0 of the training printed its summary
+    if mode == "torchrun":
+        assert "torch.distributed.run" in (tmp_path / "launch.sbatch").read_text()
+    rows = assert_trained(tmp_path, 3)
+    assert (tmp_path / "checkpoints" / "step_000003" / "manifest.json").is_file()
+    assert f"{rows[-1]['loss']:.4f}" in output
+
+
+@pytest.mark.slow
+def test_mpirun_launch_trains(tmp_path):
+    if not (Path(sys.executable).parent / "mpiexec").is_file():
+        pytest.skip("no mpiexec next to this Python; install the mpich wheel: pip install -e .[mpich]")
+    command = [
+        str(SEQMOE),
+        "launch",
+        *TRAIN_ARGS,
+        "--launch.launcher=mpirun",
+        "--train.steps=3",
+        f"--train.run_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, env=job_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    report = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, report
+    assert "mpiexec -n 2 " in result.stderr, report  # the launch line seqmoe printed
+    assert "done: step 2 loss" in result.stdout, report
+    rows = assert_trained(tmp_path, 3)
+    assert f"{rows[-1]['loss']:.4f}" in result.stdout
