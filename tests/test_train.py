@@ -9,6 +9,7 @@ SP=world, the planner's plan and a hand-made mixed plan with an empty group.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,25 @@ def _batch():
     return [torch.randint(0, 256, (n,), generator=g) for n in LENGTHS], [i % 3 for i in range(len(LENGTHS))]
 
 
+def _random_tiling(start: int, size: int, rng: random.Random) -> list[tuple[int, ...]]:
+    """Buddy groups tiling ranks [start, start + size): keep the block or split it in halves."""
+    if size == 1 or rng.random() < 0.4:
+        return [tuple(range(start, start + size))]
+    half = size // 2
+    return _random_tiling(start, half, rng) + _random_tiling(start + half, half, rng)
+
+
+def random_plan(num_sequences: int, world: int, num_microbatches: int, seed: int) -> StepPlan:
+    """A random valid plan: random buddy tilings, every sequence in one random group."""
+    rng = random.Random(seed)
+    tilings = [_random_tiling(0, world, rng) for _ in range(num_microbatches)]
+    members: dict[tuple[int, tuple[int, ...]], list[int]] = {(m, g): [] for m, t in enumerate(tilings) for g in t}
+    for i in range(num_sequences):
+        members[rng.choice(list(members))].append(i)
+    microbatches = [MicroBatch([Group(g, members[(m, g)]) for g in t]) for m, t in enumerate(tilings)]
+    return StepPlan(microbatches=microbatches, num_ranks=world, predicted_time_s=0.0, solver="random", solve_time_s=0.0)
+
+
 def _plans(world: int) -> dict[str, StepPlan]:
     from planner.baselines import static_sp
     from planner.solver import plan_step
@@ -77,6 +97,8 @@ def _plans(world: int) -> dict[str, StepPlan]:
         "static_world": static_sp(LENGTHS, num_ranks=world, sp_degree=world, cost=cost),
         "planner": plan_step(LENGTHS, num_ranks=world, cost=cost, time_limit_s=5.0),
         "mixed": mixed,
+        "random_3mb": random_plan(len(LENGTHS), world, 3, seed=11),
+        "random_1mb": random_plan(len(LENGTHS), world, 1, seed=15),  # groups of 2, 1, 1
     }
 
 
