@@ -127,3 +127,86 @@ def test_moe_benchmark_writes_its_results(tmp_path):
     assert {"pooled", "ep=2,init", "ep=2,trained"} == set(result["summary"]["overhead"])
     for comparisons in result["summary"]["overhead"].values():
         assert all(math.isfinite(c["wall_overhead_pct"]) for c in comparisons.values())
+
+
+def _write_profile(path: Path) -> Path:
+    """A stand-in for a `seqmoe profile` output: the tiny-cpu preset's coefficients."""
+    from planner.cost import CostModel
+
+    path.write_text(CostModel.preset("tiny-cpu", world_size=2).to_json())
+    return path
+
+
+def test_e2e_prices_plans_and_skips_degrees_that_cannot_hold_the_batch():
+    from benchmarks.e2e import calibrated_cost, predicted_s, skip_reason
+    from planner.cost import CostModel
+    from planner.solver import plan_step
+
+    cost = calibrated_cost(CostModel.preset("tiny-cpu", world_size=4), world_size=4)
+    assert cost.token_capacity(1) < 1024 <= cost.token_capacity(2)
+    lengths = [1024, 600, 300, 80, 40, 900, 700, 20]
+    plan = plan_step(lengths, num_ranks=4, cost=cost, time_limit_s=1.0)
+    # the e2e benchmark re-prices executed plans; under the planner's own model it must agree
+    assert predicted_s(plan, lengths, cost) == pytest.approx(plan.predicted_time_s, rel=1e-9)
+    assert "1024-token sequence" in skip_reason("static-1", [lengths], cost)
+    assert skip_reason("static-2", [lengths], cost) is None
+    assert skip_reason("flexsp", [lengths], cost) is None
+
+
+@pytest.mark.slow
+def test_e2e_benchmark_writes_its_results(tmp_path):
+    cmd = [sys.executable, "benchmarks/e2e.py", "--world-size", "2", "--steps", "1", "--warmup", "1"]
+    cmd += ["--batch-sequences", "4", "--max-seq-len", "128", "--calibration-lengths", "64", "128"]
+    cmd += ["--calibration-repeats", "1", "--set", "model.d_model=32", "model.ffn_hidden=32", "moe.router_dim=16"]
+    subprocess.run([*cmd, "--out-dir", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True,
+                   timeout=600)  # fmt: skip
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    assert (tmp_path / "e2e.png").stat().st_size > 0 and (tmp_path / "e2e_profile.json").stat().st_size > 0
+    assert {"machine", "versions", "config", "cost_models", "policies", "summary", "rows"} <= set(result)
+    assert result["machine"]["git_revision"] and result["config"]["world_size"] == 2
+    # every policy holds 128-token sequences at W=2 under the tiny-cpu cap: none is skipped
+    policies = {"flexsp", "static-1", "static-2", "batch_adaptive"}
+    assert {p for p, s in result["policies"].items() if s["status"] == "ran"} == policies
+    assert {r["policy"] for r in result["rows"]} == policies and len(result["rows"]) == 2 * len(policies)
+    coefficients = result["cost_models"]["calibrated"]
+    assert all(math.isfinite(coefficients[k]) and coefficients[k] >= 0 for k in ("quad_ms", "lin_ms", "beta_ms"))
+    assert result["cost_models"]["calibration"]["fit_points"]
+    for policy, s in result["summary"]["per_policy"].items():
+        assert policy in policies and s["steps"] == 1
+        for key in ("tokens_per_s", "step_s", "fwd_bwd_s", "predicted_s", "predicted_preset_s"):
+            assert math.isfinite(s[key]) and s[key] > 0, (policy, key)
+        assert s["comm_bytes_per_step_max_rank"] >= 0 and s["solve_time_s"]["median"] >= 0
+        for error in s["cost_model_error"].values():
+            assert math.isfinite(error["median_pct"]) and math.isfinite(error["mean_abs_pct"])
+    assert set(result["summary"]["speedups"]) == {f"flexsp_vs_{p}" for p in policies - {"flexsp"}}
+    assert {"calibrated_vs_fwd_bwd", "calibrated_vs_step", "preset_vs_fwd_bwd", "preset_vs_step"} == set(
+        result["summary"]["cost_model_error"]
+    )
+    # same weights and batch, different plans: the first step's loss agrees (plan invariance)
+    assert result["summary"]["step0_loss_max_rel_diff"] <= 1e-5
+
+
+def test_projection_benchmark_writes_its_results(tmp_path):
+    profile = _write_profile(tmp_path / "profile.json")
+    cmd = [sys.executable, "benchmarks/projection.py", "--ranks", "8", "16", "--pod-ranks", "8", "--batches", "1"]
+    cmd += ["--seqs-per-rank", "2", "--distributions", "wikipedia", "--cpu-profile", str(profile)]
+    cmd += ["--cost-models", "flexsp-gpt7b-a100", "hybrid-1b-h100", "tiny-cpu-calibrated"]
+    subprocess.run([*cmd, "--out-dir", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True,
+                   timeout=300)  # fmt: skip
+    result = json.loads((tmp_path / "projection.json").read_text())
+    assert (tmp_path / "projection.png").stat().st_size > 0
+    assert "PROJECTION" in result["kind"] and "not measurements" in result["kind"]
+    assert {"machine", "config", "cost_models", "summary", "rows"} <= set(result)
+    models = {"flexsp-gpt7b-a100", "hybrid-1b-h100", "tiny-cpu-calibrated"}
+    assert {(r["cost_model"], r["num_ranks"]) for r in result["rows"]} == {(m, n) for m in models for n in (8, 16)}
+    for row in result["rows"]:
+        # 16 ranks are planned as two pods of 8; the step lasts as long as the slowest pod
+        assert row["pods"] == (2 if row["num_ranks"] == 16 else 1) and row["pod_ranks"] == 8
+        assert row["batch_sequences"] == 2 * row["num_ranks"] and row["max_len"] <= row["cap"]
+        for key in ("flexsp_s", "batch_adaptive_s", "best_static_s", "speedup_vs_best_static",
+                    "speedup_vs_batch_adaptive", "plan_wall_s"):  # fmt: skip
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["speedup_vs_best_static"] == pytest.approx(row["best_static_s"] / row["flexsp_s"])
+        assert str(row["best_static_degree"]) in row["static_s"]
+    assert set(result["summary"]) == models
+    assert set(result["summary"]["flexsp-gpt7b-a100"]) == {"8", "16"}
