@@ -47,10 +47,8 @@ import argparse
 import dataclasses
 import logging
 import os
-import queue as queue_module
 import statistics
 import sys
-import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -59,13 +57,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU + gloo benchmark; deepspee
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # sys.path[0] is this script's folder: put the repository first (benchmarks/planner.py would
 # otherwise shadow the planner package)
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
 from parallel import comm  # noqa: E402
 from planner.baselines import batch_adaptive, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
@@ -267,29 +264,7 @@ def _worker(rank: int, world: int, store: str, job: dict, out_queue) -> None:
 
 
 def run_workers(job: dict, world: int, timeout_s: float = 3600.0) -> list[dict]:
-    spawn = mp.get_context("spawn")
-    out_queue = spawn.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [spawn.Process(target=_worker, args=(r, world, store, job, out_queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline, rows = time.monotonic() + timeout_s, None
-        while rows is None:
-            try:
-                rows = out_queue.get(timeout=5)
-            except queue_module.Empty:
-                # a rank that died leaves the others waiting in a collective: stop them all
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    for p in procs:
-                        if p.is_alive():
-                            p.terminate()
-                    break
-        for p in procs:
-            p.join()
-    if rows is None or any(p.exitcode for p in procs):
-        raise RuntimeError(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
-    return rows
+    return spawn_ranks(world, _worker, job, timeout_s=timeout_s)
 
 
 # -------------------------------------------------------------------------------------------

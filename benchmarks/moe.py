@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
 from moe.metrics import max_violation  # noqa: E402
 from parallel import comm  # noqa: E402
 from runtime.config import DataConfig, ModelConfig, MoEConfig, ParallelConfig  # noqa: E402
@@ -391,19 +391,7 @@ def _overhead_worker(rank: int, world: int, store: str, job: dict, queue) -> Non
 
 
 def run_overhead(job: dict, world: int) -> list[dict]:
-    spawn = mp.get_context("spawn")
-    queue = spawn.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [spawn.Process(target=_overhead_worker, args=(r, world, store, job, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        rows = queue.get()
-        for p in procs:
-            p.join()
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
-    return rows
+    return spawn_ranks(world, _overhead_worker, job)
 
 
 def _bytes(comm_by_rank: list[dict], kind: str, field: str = "bytes_sent") -> list[int]:

@@ -16,17 +16,15 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
 from parallel.lasp2 import lasp2_attention  # noqa: E402
@@ -102,7 +100,8 @@ def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
     ]
 
 
-def _worker(rank: int, world_size: int, store: str, plan: list, repeats: int, queue) -> None:
+def _worker(rank: int, world_size: int, store: str, job: tuple, queue) -> None:
+    plan, repeats = job
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     # ranks share the machine's cores: one intra-op thread each, as a rank per core would have
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -123,21 +122,7 @@ def _worker(rank: int, world_size: int, store: str, plan: list, repeats: int, qu
 
 
 def run_world(world_size: int, plan: list, repeats: int) -> list[dict]:
-    spawn = mp.get_context("spawn")
-    queue = spawn.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [
-            spawn.Process(target=_worker, args=(r, world_size, os.path.join(tmp, "store"), plan, repeats, queue))
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        rows = queue.get()
-        for p in procs:
-            p.join()
-        if any(p.exitcode for p in procs):
-            raise RuntimeError(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
-    return rows
+    return spawn_ranks(world_size, _worker, (plan, repeats))
 
 
 def summarise(rows: list[dict]) -> dict:
