@@ -178,33 +178,22 @@ def _quiet_deepspeed() -> None:
 
 
 def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch) -> dict:
-    from runtime.step import run_plan
-    from runtime.train import _all_sum, _backward, _optimizer_step
+    from runtime.train import all_sum, forward_backward, optimizer_step
 
     W = ctx.world_size
     dist.barrier(group=ctx.world)
     with comm.CommMeter() as meter:
         start, cpu = time.perf_counter(), time.process_time()
-        # the engine averages gradients over ranks; the per-rank losses are shares of one
-        # global loss whose gradients must be summed (runtime/train.py does the same)
-        result = run_plan(
-            model,
-            ctx,
-            plan,
-            batch.sequences,
-            batch.domains,
-            forward=engine,
-            backward=lambda loss, last: _backward(engine, loss * W, last),
-        )
+        result = forward_backward(model, engine, ctx, plan, batch)
         fwd_bwd = time.perf_counter() - start
-        grad_norm = _optimizer_step(engine, ctx, config.train.zero_stage, config.moe.ep_size)
+        grad_norm = optimizer_step(engine, ctx, config.train.zero_stage, config.moe.ep_size)
         model.end_step()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     sent = meter.total_bytes_sent
     times = torch.zeros(W, 4, dtype=torch.float64)
     times[ctx.rank] = torch.tensor([wall, fwd_bwd, cpu, float(sent)], dtype=torch.float64)
     dist.all_reduce(times, group=ctx.world)
-    loss_sum, tokens = _all_sum(ctx, [result.loss_sum, result.tokens])
+    loss_sum, tokens = all_sum(ctx, [result.loss_sum, result.tokens])
     return {
         "step_s": float(times[:, 0].max()),
         "fwd_bwd_s": float(times[:, 1].max()),

@@ -32,9 +32,17 @@ from runtime.config import Config, to_toml
 from runtime.data import build_dataset
 from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
-from runtime.step import evaluate_plan, run_plan
+from runtime.step import StepResult, evaluate_plan, run_plan
 
-__all__ = ["TrainingError", "build_engine", "resolve_cost_model", "train"]
+__all__ = [
+    "TrainingError",
+    "all_sum",
+    "build_engine",
+    "forward_backward",
+    "optimizer_step",
+    "resolve_cost_model",
+    "train",
+]
 
 
 class TrainingError(RuntimeError):
@@ -142,7 +150,7 @@ class StepPlanner:
             self.async_planner.shutdown()
 
 
-def _all_sum(ctx: ParallelContext, values: list[float]) -> list[float]:
+def all_sum(ctx: ParallelContext, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if ctx.world_size > 1:
         dist.all_reduce(t, group=ctx.world)
@@ -205,20 +213,10 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
             began = time.perf_counter()
             batch = dataset.train_batch(step, t.seed)
             plan = planner.plan(step, t.steps)
-            # the engine averages gradients over ranks; our per-rank losses are shares of one
-            # global loss whose gradients must be *summed*, hence the factor world_size
-            result = run_plan(
-                model,
-                ctx,
-                plan,
-                batch.sequences,
-                batch.domains,
-                forward=engine,
-                backward=lambda loss, last: _backward(engine, loss * ctx.world_size, last),
-            )
-            grad_norm = _optimizer_step(engine, ctx, t.zero_stage, config.moe.ep_size)
+            result = forward_backward(model, engine, ctx, plan, batch)
+            grad_norm = optimizer_step(engine, ctx, t.zero_stage, config.moe.ep_size)
             model.end_step()
-            loss_sum, aux_sum, tokens = _all_sum(ctx, [result.loss_sum, result.aux_loss, result.tokens])
+            loss_sum, aux_sum, tokens = all_sum(ctx, [result.loss_sum, result.aux_loss, result.tokens])
             loss = loss_sum / sum(len(s) - 1 for s in batch.sequences)
             skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
@@ -265,12 +263,21 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
     return row
 
 
-def _backward(engine, loss: torch.Tensor, last: bool) -> None:
-    engine.set_gradient_accumulation_boundary(last)
-    engine.backward(loss, scale_wrt_gas=False)
+def forward_backward(model: HybridLM, engine, ctx: ParallelContext, plan: StepPlan, batch) -> StepResult:
+    """Forward and backward of every micro-batch of ``plan`` through the DeepSpeed engine.
+
+    The engine averages gradients over ranks; our per-rank losses are shares of one global loss
+    whose gradients must be *summed*, hence the factor world_size. The plan decides the number of
+    micro-batches, so the accumulation boundary is marked here, not counted by DeepSpeed."""
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss * ctx.world_size, scale_wrt_gas=False)
+
+    return run_plan(model, ctx, plan, batch.sequences, batch.domains, forward=engine, backward=backward)
 
 
-def _optimizer_step(engine, ctx: ParallelContext, zero_stage: int, ep_size: int) -> float:
+def optimizer_step(engine, ctx: ParallelContext, zero_stage: int, ep_size: int) -> float:
     """Clip and step; returns the global gradient norm, which is inf or nan when the update was
     skipped because a gradient was not finite."""
     if zero_stage > 0:
@@ -290,7 +297,7 @@ def _optimizer_step(engine, ctx: ParallelContext, zero_stage: int, ep_size: int)
             else:
                 shared += sq
     copies = ctx.world_size // ep_size
-    norm = math.sqrt(shared + _all_sum(ctx, [expert])[0] / copies)
+    norm = math.sqrt(shared + all_sum(ctx, [expert])[0] / copies)
     if math.isfinite(norm):
         engine.step()
     else:
@@ -310,7 +317,7 @@ def _evaluate(model: HybridLM, ctx: ParallelContext, dataset, planner: StepPlann
     model.train()
     if model.routing_metrics is not None:
         model.routing_metrics.reset()  # evaluation routing is not training routing
-    loss_sum, targets = _all_sum(ctx, [loss_sum, targets])
+    loss_sum, targets = all_sum(ctx, [loss_sum, targets])
     return loss_sum / max(targets, 1.0)
 
 

@@ -103,21 +103,18 @@ def _plans(world: int) -> dict[str, StepPlan]:
 
 
 def _loss_and_grads(ctx, plan_json: str, balance: str, ep_size: int):
+    from types import SimpleNamespace
+
     from runtime.model import build_model
-    from runtime.step import run_plan
-    from runtime.train import build_engine
+    from runtime.train import build_engine, forward_backward
 
     config = _config(balance=balance, ep_size=ep_size)
     torch.manual_seed(0)
     model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world)
     engine = build_engine(model, config)
     sequences, domains = _batch()
-
-    def backward(loss, last):
-        engine.set_gradient_accumulation_boundary(last)
-        engine.backward(loss * ctx.world_size, scale_wrt_gas=False)
-
-    result = run_plan(model, ctx, StepPlan.from_json(plan_json), sequences, domains, forward=engine, backward=backward)
+    batch = SimpleNamespace(sequences=sequences, domains=domains)
+    result = forward_backward(model, engine, ctx, StepPlan.from_json(plan_json), batch)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return result.loss_sum, result.aux_loss, grads
 
