@@ -21,6 +21,7 @@ from planner.plan import Group, MicroBatch, StepPlan
 from runtime.checkpoint import check_checkpoint, find_latest_valid
 from runtime.config import load_config
 from tests.distributed import run_on_ranks
+from tests.test_launchers import TRAIN_ARGS
 
 FP32_TOL = 1e-5
 LENGTHS = [37, 5, 120, 64, 9, 200]
@@ -177,18 +178,7 @@ def _seqmoe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_launch_trains_resumes_exactly_and_skips_a_corrupt_checkpoint(tmp_path):
     """2 torchrun ranks: 4 steps in one go equal 2 steps + resume + 2 steps (same losses); a
     corrupt newest checkpoint is reported and the previous one used."""
-    repo = Path(__file__).resolve().parent.parent
-    common = [
-        str(repo / "configs/tiny-cpu.toml"),
-        "--launch.nproc_per_node=2",
-        "--data.global_batch_sequences=4",
-        "--data.max_seq_len=256",
-        "--model.d_model=32",
-        "--planner.mode=batch_adaptive",
-        "--train.eval_every=0",
-        "--train.checkpoint_every=2",
-        "--train.keep_checkpoints=3",
-    ]
+    common = [*TRAIN_ARGS, "--train.checkpoint_every=2", "--train.keep_checkpoints=3"]
     full = _seqmoe("launch", *common, "--train.steps=4", f"--train.run_dir={tmp_path / 'full'}", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     split_dir = tmp_path / "split"
