@@ -50,8 +50,12 @@ def _barrier(ctx: ParallelContext) -> None:
         dist.barrier(group=ctx.world)
 
 
-def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep: int) -> Path:
-    """Write checkpoint ``step`` (the number of finished steps) atomically; keep the last ``keep``."""
+def save_checkpoint(
+    engine, ctx: ParallelContext, root: Path, step: int, *, keep: int, meta: dict | None = None
+) -> Path:
+    """Write checkpoint ``step`` (the number of finished steps) atomically; keep the last ``keep``.
+    ``meta`` (run_dir.checkpoint_meta: ranks, ZeRO stage, model shape) goes into the manifest, so a
+    resume can tell before loading anything whether the checkpoint fits the job."""
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if ctx.rank == 0:
@@ -63,7 +67,7 @@ def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep
     _barrier(ctx)
     if ctx.rank == 0:
         files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in _files(tmp)}
-        manifest = {"step": step, "world_size": ctx.world_size, "files": files}
+        manifest = {**(meta or {}), "step": step, "world_size": ctx.world_size, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

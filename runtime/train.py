@@ -7,9 +7,12 @@ One step, as DESIGN.md draws it: the data gives step i's global batch (it depend
 seed and i); rank 0's planner has already planned it while step i-1 trained and broadcasts the
 plan; each rank runs the plan's micro-batches with the plan's SP groups (runtime/step.py); the
 DeepSpeed engine sums gradients over all ranks (experts over their expert-data-parallel group),
-clips, and steps AdamW with a warmup-cosine schedule; the MoE balance buffer is reset; rank 0
-logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
-the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
+clips, and steps AdamW at the rate runtime/lr_schedule.py gives that step (warmup, then
+cosine); the MoE balance buffer is reset; rank 0 logs. Before the first step,
+runtime/preflight.py and runtime/run_dir.py check the settings, files and run folder and take
+the folder's lock; a SIGINT or SIGTERM ends the run after the current step with a checkpoint
+(runtime/signals.py). A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2
+skip it inside the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from parallel.context import ParallelContext
 from planner.baselines import batch_adaptive, static_sp
 from planner.cost import CostModel
 from planner.plan import StepPlan
-from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint
 from runtime.config import Config, to_toml
 from runtime.data import build_dataset
+from runtime.lr_schedule import lr_at, set_lr
 from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
+from runtime.preflight import check_data, resolve_cost_model
+from runtime.run_dir import RunFolder
 from runtime.step import StepResult, evaluate_plan, run_plan
 
 __all__ = [
@@ -49,27 +55,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (repeated non-finite steps, a batch the cluster cannot hold, ...)."""
 
 
-def resolve_cost_model(config: Config, world_size: int) -> CostModel:
-    """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
-    hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
-    from planner.dryrun import resolve_cost
-
-    spec = config.planner.cost_model
-    if spec != "auto":
-        return resolve_cost(spec, world_size)
-    if not torch.cuda.is_available():
-        return CostModel.preset("tiny-cpu", world_size=world_size)
-    import dataclasses
-
-    cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
-    budget = 0.9 * total_gb - cost.model_state_gb
-    return dataclasses.replace(cost, memory_budget_gb=budget, notes=cost.notes + f" Budget from {total_gb:.0f} GB.")
-
-
 def build_engine(model: HybridLM, config: Config):
-    """DeepSpeed engine: AdamW (MoE parameters in their own groups), warmup-cosine LR, clipping,
-    ZeRO stage ``train.zero_stage``."""
+    """DeepSpeed engine: AdamW (MoE parameters in their own groups), clipping, ZeRO stage
+    ``train.zero_stage``. No DeepSpeed scheduler: the loop sets each step's rate (lr_schedule.py)."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -88,17 +76,6 @@ def build_engine(model: HybridLM, config: Config):
         "gradient_accumulation_steps": 1,  # the plan decides micro-batches; we mark the boundary
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(t.steps, t.warmup_steps + 1),
-                # DeepSpeed needs >= 1 warmup step; no warmup = that step already at the full rate
-                "warmup_num_steps": max(t.warmup_steps, 1),
-                "warmup_min_ratio": 0.0 if t.warmup_steps else 1.0,
-                "cos_min_ratio": t.min_lr / t.lr,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -175,15 +152,17 @@ def train(config: Config, *, report=print) -> dict:
         backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
     )
     try:
-        return _train(ctx, config, report)
+        with RunFolder(ctx, config, report) as folder:  # preflight, the folder's lock, what to resume
+            return _train(ctx, config, report, folder)
     finally:
         ctx.destroy()  # also on errors: a caller in the same process may start another job
 
 
-def _train(ctx: ParallelContext, config: Config, report) -> dict:
+def _train(ctx: ParallelContext, config: Config, report, folder: RunFolder) -> dict:
     t = config.train
     torch.manual_seed(t.seed)  # identical non-expert parameters on every rank
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
+    check_data(config, dataset)
     cost = resolve_cost_model(config, ctx.world_size)
     _check_fits(dataset, cost, ctx.world_size, config.data.long_sequence_policy)
     model = build_model(
@@ -196,11 +175,7 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
     ).to(ctx.device)
     engine = build_engine(model, config)
     run_dir = config.resolved_run_dir
-    # a torchrun elastic restart (a rank died) resumes from the last checkpoint by itself
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = t.resume or ("auto" if restarted else "")
-    if restarted and ctx.rank == 0:
-        report(f"elastic restart #{os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the last checkpoint")
+    resume = folder.checkpoint  # checked against this job by RunFolder (a restart resumes by itself)
     start = load_checkpoint(engine, ctx, resume, run_dir / "checkpoints", report) if resume else 0
     out = RunOutputs(run_dir, start_step=start) if ctx.rank == 0 else None
     if out is not None:
@@ -211,6 +186,7 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
     try:
         for step in range(start, t.steps):
             began = time.perf_counter()
+            lr = set_lr(engine.optimizer, lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.steps))
             batch = dataset.train_batch(step, t.seed)
             plan = planner.plan(step, t.steps)
             result = forward_backward(model, engine, ctx, plan, batch)
@@ -229,7 +205,7 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
                 "tokens": int(tokens),
                 "step_time_s": step_time,
                 "tokens_per_s": tokens / step_time,
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "skipped": skipped,
                 "plan": plan_summary(plan),
             }
@@ -252,8 +228,10 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
                     "lower train.lr, raise train.warmup_steps or check the data"
                 )
             every = t.checkpoint_every
-            if (every and (step + 1) % every == 0) or step + 1 == t.steps:
-                save_checkpoint(engine, ctx, run_dir / "checkpoints", step + 1, keep=t.keep_checkpoints)
+            saved = bool(every and (step + 1) % every == 0) or step + 1 == t.steps
+            if saved:
+                folder.save(engine, step + 1)
+            folder.after_step(engine, step, saved=saved)  # a SIGINT/SIGTERM: checkpoint, then stop
     finally:
         planner.close()
         if ctx.rank == 0:
