@@ -10,7 +10,6 @@ which rank ended how.
 from __future__ import annotations
 
 import os
-import runpy
 import signal
 import sys
 
@@ -28,11 +27,20 @@ def _describe(failures: dict) -> str:
 def main() -> int:
     module, sys.argv = sys.argv[1], sys.argv[1:]
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # read by torch.distributed.elastic's loggers
+    import logging
+
+    import torch.distributed.run as torchrun  # creates torchrun's loggers, turned down next
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    if module != "torch.distributed.run":
+        raise SystemExit(f"launchers.quiet runs torch.distributed.run, got {module!r}")
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        torchrun.run(torchrun.parse_args(sys.argv[1:]))  # main() without @record's error report
     except ChildFailedError as exc:
         folder = os.environ.get(ERROR_DIR_ENV)
         if not (folder and first_error(folder)):

@@ -70,12 +70,12 @@ def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     from runtime.data import DataError
     from runtime.preflight import preflight
 
-    print(to_toml(config), end="", flush=True)
     try:
         # what `seqmoe train` checks before its first step; the TOML stays clean on stdout
         preflight(config, report=lambda line: print(f"# {line}", file=sys.stderr))
     except DataError as exc:
         return _error("config", str(exc), 1)
+    print(to_toml(config), end="")
     return 0
 
 

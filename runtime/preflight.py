@@ -173,9 +173,11 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_run_folder(config: Config, world: int, *, create: bool = True) -> None:
-    """The run folder can be written and its disk has room for a checkpoint. ``create``: make the
-    folder (train); without it (``seqmoe config``) only the nearest existing parent is tested."""
+def check_run_folder(config: Config, world: int, *, create: bool = True, room: bool = True) -> None:
+    """The run folder can be written and (``room``) its disk has room for a checkpoint. ``create``:
+    make the folder (train); without it (``seqmoe config``) only the nearest existing parent is
+    tested. ``room`` builds the model on the meta device: only before the process group exists
+    (an MoE model makes DeepSpeed groups, which every rank would have to join)."""
     run_dir = config.resolved_run_dir
     base = _existing_ancestor(run_dir)
     if not base.is_dir():
@@ -189,6 +191,8 @@ def check_run_folder(config: Config, world: int, *, create: bool = True) -> None
             pass
     except OSError as exc:
         raise PreflightError(f"train.run_dir={str(run_dir)!r} cannot be written ({exc.strerror}); {fix}") from None
+    if not room:
+        return
     parameters, need = checkpoint_bytes(config)
     free = shutil.disk_usage(base).free
     if free < need:
@@ -215,8 +219,11 @@ def early_checks(config: Config) -> None:
         check_ranks(config, world)
         resolve_cost(config, world)
     check_data(config, build_dataset(config.data, vocab_size=config.model.vocab_size))
+    check_run_folder(config, world or 1, create=False)
+    from runtime.run_dir import RunLock
+
+    RunLock(config.resolved_run_dir).check()
     if world is not None:
-        check_run_folder(config, world, create=False)
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         plan_resume(config, world, restarted=restarted, dry_run=True)
 
@@ -225,7 +232,7 @@ def preflight(config: Config, *, world: int | None = None, report=print) -> None
     """Everything ``seqmoe config`` checks: ranks, files, cost model, data, run folder (nothing is
     written). ``report`` gets one line per finding that is not an error."""
     from runtime.data import build_dataset
-    from runtime.run_dir import plan_resume
+    from runtime.run_dir import RunDirError, plan_resume
 
     world = world or world_size_of(config)
     check_ranks(config, world)
@@ -234,8 +241,15 @@ def preflight(config: Config, *, world: int | None = None, report=print) -> None
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
     check_data(config, dataset)
     check_run_folder(config, world, create=False)
-    plan = plan_resume(config, world, dry_run=True)
-    start = f"resumes from {plan.checkpoint}" if plan.checkpoint else "starts at step 0"
+    try:
+        plan = plan_resume(config, world, dry_run=True)
+        start = f"resumes from {plan.checkpoint}" if plan.checkpoint else "starts at step 0"
+    except RunDirError as exc:
+        if config.train.resume:
+            raise  # a resume that cannot work is an error of this config
+        # a fresh run into a used folder: the folder's state, and printing the config still works
+        start = "seqmoe train would refuse it"
+        report(f"warning: {exc}")
     report(
         f"preflight: {world} ranks, cost model {cost.name!r}, {dataset.train.size} train / "
         f"{dataset.validation.size} validation documents, run folder {config.resolved_run_dir} ({start})"

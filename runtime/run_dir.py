@@ -295,6 +295,13 @@ class RunLock:
             return self
         raise RunDirError(f"could not take the lock {self.path}: other runs keep creating it; retry")
 
+    def check(self) -> None:
+        """Raise the lock's RunDirError if a live run holds it now (read-only; no lock taken)."""
+        if self.path.exists():
+            holder = self._holder()
+            if not self._stale(holder):
+                raise RunDirError(self._busy(holder))
+
     def release(self) -> None:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
@@ -353,7 +360,7 @@ def open_run_folder(ctx, config: Config, *, restarted: bool, report=print) -> tu
     lock = None
     if ctx.rank == 0:
         try:
-            check_run_folder(config, ctx.world_size)
+            check_run_folder(config, ctx.world_size, room=False)  # room: checked by early_checks
             lock = RunLock(config.resolved_run_dir).acquire()
             plan = plan_resume(config, ctx.world_size, restarted=restarted)
             notes = ((lock.note,) if lock.note else ()) + plan.notes

@@ -4,15 +4,17 @@
 sets a flag, the loop finishes its step, every rank agrees (one tiny all-reduce per step, so
 all ranks stop after the same step even when the signal reached them at different times),
 saves a checkpoint and raises ``Interrupted``; ``seqmoe train`` turns that into one line that
-says how to resume and exit code ``EXIT_INTERRUPTED``. A second signal of the same kind (a
-second Ctrl-C) stops at once. A Ctrl-C under torchrun reaches a worker twice, as SIGINT from
-the terminal and as SIGTERM from the torchrun agent; they count as one request.
+says how to resume and exit code ``EXIT_INTERRUPTED``. A second Ctrl-C (SIGINT a second or
+more after the first) stops at once. Repeated SIGTERMs never do: under Slurm a worker gets one
+from slurmstepd and one forwarded by its torchrun agent, and Slurm sends SIGKILL after its
+KillWait anyway.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,11 +44,15 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._first_sigint = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum == signum:
-            raise KeyboardInterrupt  # asked twice: stop now
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint and now - self._first_sigint >= 1.0:
+                raise KeyboardInterrupt  # Ctrl-C twice: stop now
+            self._first_sigint = self._first_sigint or now
         self.signum = self.signum or signum
 
     def __enter__(self) -> GracefulStop:
