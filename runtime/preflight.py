@@ -115,11 +115,14 @@ def resolve_cost_model(config: Config, world_size: int) -> CostModel:
     import torch
 
     from planner.cost import CostModel
-    from planner.dryrun import resolve_cost
+    from planner.cost_spec import CostSpecError, resolve_cost
 
     spec = config.planner.cost_model
     if spec != "auto":
-        return resolve_cost(spec, world_size)
+        try:
+            return resolve_cost(spec, world_size)
+        except CostSpecError as exc:
+            raise ConfigError(f"config field `planner.cost_model`: {exc}") from None
     if not torch.cuda.is_available():
         return CostModel.preset("tiny-cpu", world_size=world_size)
     cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
@@ -130,12 +133,12 @@ def resolve_cost_model(config: Config, world_size: int) -> CostModel:
 
 def resolve_cost(config: Config, world: int) -> CostModel:
     """The run's cost model, or a PreflightError naming planner.cost_model."""
-    from planner.dryrun import DryRunError
-
     try:
         return resolve_cost_model(config, world)
-    except (DryRunError, ValueError, OSError) as exc:
-        raise PreflightError(f"planner.cost_model={config.planner.cost_model!r}: {exc}") from None
+    except ConfigError:
+        raise  # already names planner.cost_model
+    except (ValueError, OSError) as exc:
+        raise PreflightError(f"config field `planner.cost_model`: {exc}") from None
 
 
 def check_data(config: Config, dataset) -> None:
