@@ -82,7 +82,7 @@ def launch(
         command = mpirun.mpirun_command(settings, program)
         extra_env = mpirun.mpirun_env(settings)
     assignments = [f"{name}={value}" for name, value in extra_env.items()]
-    if verbose or dry_run:
+    if verbose or dry_run or settings.launcher != "torchrun":  # quiet applies to torchrun
         print(f"seqmoe launch: {shlex.join(assignments + command)}", file=sys.stderr, flush=True)
     return 0 if dry_run else run_command(command, env=os.environ | extra_env if extra_env else None)
 

@@ -80,7 +80,7 @@ def check_ranks(config: Config, world: int) -> None:
 def _tokenizer_path(config: Config) -> str:
     """The data section's tokenizer file, if it names one (a path, not the built-in byte vocabulary)."""
     value = getattr(config.data, "tokenizer", "") or ""
-    return value if isinstance(value, str) and value.endswith(".json") else ""
+    return value if isinstance(value, str) and value not in ("bytes", "byte") else ""
 
 
 def check_files(config: Config) -> None:
@@ -145,14 +145,15 @@ def check_data(config: Config, dataset) -> None:
     """A validation split exists when the run evaluates."""
     t, data = config.train, config.data
     if t.eval_every and dataset.validation.size == 0:
+        sources = len(set(dataset.train.sources.tolist()))
         why = (
-            "data.validation_fraction=0"
+            "data.validation_fraction=0 leaves none"
             if data.validation_fraction == 0
-            else f"the data has only {dataset.train.size} usable document(s), too few to split"
+            else f"the data has only {sources} source document(s), too few to split off any"
         )
         raise PreflightError(
-            f"train.eval_every={t.eval_every} evaluates on the validation split, but {why} gives no validation "
-            "documents; set --train.eval_every=0, or --data.validation_fraction=0.05 with more documents"
+            f"train.eval_every={t.eval_every} evaluates on validation documents, but {why}; set "
+            "--train.eval_every=0, or --data.validation_fraction=0.05 with at least 2 documents"
         )
 
 

@@ -308,7 +308,11 @@ def _progress(ctx: ParallelContext, start: int, steps: int):
 def main_train(config: Config) -> int:
     """Entry point of ``seqmoe train`` (after the config is loaded)."""
     row = train(config)
-    if row and int(os.environ.get("RANK", "0")) == 0:
-        path = Path(config.resolved_run_dir)
+    path = Path(config.resolved_run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if row:
         print(f"done: step {row['step']} loss {row['loss']:.4f}; outputs in {path}")
+    else:  # resumed from a checkpoint at or past train.steps
+        print(f"nothing to do: {path} has already trained train.steps={config.train.steps}; raise --train.steps")
     return 0
