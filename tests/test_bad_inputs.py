@@ -218,6 +218,7 @@ CASES: dict[str, tuple[tuple[str, ...], int, list[str]]] = {
     "cost model: missing file": ((*T, "--planner.cost_model={tmp}/none.json"), 2, ["none.json", "does not exist"]),
     "cost model: broken JSON file": ((*T, "--planner.cost_model={tmp}/cost.json"), 2, ["cost.json"]),
     "run_dir under a file": ((*T, "--train.run_dir={tmp}/a-file/run"), 2, ["train.run_dir", "a-file"]),
+    "run_dir that cannot be written (/proc)": ((*T, "--train.run_dir=/proc/seqmoe-run"), 2, ["cannot be written"]),
     "resume from a missing checkpoint": ((*T, "--train.resume={tmp}/nope"), 2, ["train.resume", "no such folder"]),
     "plan --plot into a missing folder": (
         ("plan", "--steps=1", "--batch-size=8", "--plot={tmp}/no/such/dir/plan.png"),
@@ -281,7 +282,7 @@ HISTORY_CASES: dict[str, tuple[tuple[str, ...], int, list[str]]] = {
         2,
         ["moe.num_experts=8"],
     ),
-    "resume with another rank count (torchrun env of 2 ranks)": (
+    "resume with another rank count (seqmoe config, 2 ranks)": (
         ("config", "--config", *TINY, "--launch.nproc_per_node=2", "--train.resume=auto"),
         2,
         ["written by 1 ranks", "this job has 2"],

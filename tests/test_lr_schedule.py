@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from runtime.config import load_config
 from runtime.lr_schedule import lr_at
@@ -37,6 +36,8 @@ def test_schedule_function_matches_the_reference(warmup):
 def test_optimizer_uses_and_metrics_log_each_steps_rate(zero_stage, tmp_path, monkeypatch):
     """20 steps in this process: the lr in every parameter group when optimizer.step() runs is the
     reference rate of that step, and metrics.jsonl logs that same rate for that step."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from runtime.train import train
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
@@ -56,7 +57,7 @@ def test_optimizer_uses_and_metrics_log_each_steps_rate(zero_stage, tmp_path, mo
         ],
     )
     used: list[list[float]] = []
-    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
+    hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: used.append([g["lr"] for g in optimizer.param_groups])
     )
     try:
