@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.cost import CostModel, is_power_of_two
 
@@ -74,16 +75,20 @@ class StepBounds:
 
 
 def step_bounds(lengths: list[int], num_ranks: int, cost: CostModel) -> StepBounds:
+    """The bounds of :func:`lower_bound_s`, vectorised over the distinct lengths."""
     degrees = cost.degrees(num_ranks)
     cluster = max(num_ranks // d * cost.token_capacity(d) for d in degrees)
-    work = longest = 0.0
-    for s, count in Counter(lengths).items():
-        ok = [d for d in degrees if cost.token_capacity(d) >= s]
-        work += count * min(d * cost.seq_time_ms(s, d) for d in ok) / num_ranks
-        longest = max(longest, min(cost.group_overhead_ms(d) + cost.seq_time_ms(s, d) for d in ok))
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    rank_time = np.full(len(values), np.inf)
+    alone = np.full(len(values), np.inf)
+    for d in degrees:
+        fits = values <= cost.token_capacity(d)
+        t = cost.seq_times_ms(values, d)
+        rank_time = np.where(fits, np.minimum(rank_time, d * t), rank_time)
+        alone = np.where(fits, np.minimum(alone, cost.group_overhead_ms(d) + t), alone)
     return StepBounds(
-        m_min=max(1, math.ceil(sum(lengths) / cluster)),
+        m_min=max(1, math.ceil(int(values @ counts) / cluster)),
         overhead_ms=min(cost.group_overhead_ms(d) for d in degrees),
-        work_ms=work,
-        longest_ms=longest,
+        work_ms=float(rank_time @ counts) / num_ranks,
+        longest_ms=float(alone.max()),
     )

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["CostModel", "is_power_of_two", "zero_model_state_gb"]
 
 _MIB = 2.0**20
@@ -157,6 +159,16 @@ class CostModel:
             return compute + moe
         comm = self.comm_bytes_per_token * length * self.seq_comm_fraction(degree) / _MIB / self.bandwidth(degree)
         return compute + comm + moe
+
+    def seq_times_ms(self, lengths: np.ndarray, degree: int) -> np.ndarray:
+        """:meth:`seq_time_ms` of every length in ``lengths`` at once (float64 array, ms)."""
+        s = np.asarray(lengths, dtype=np.float64)
+        per_token = self.lin_ms / degree
+        if self.moe_bytes_per_token:
+            per_token += self.moe_bytes_per_token / degree / _MIB / self.ep_bandwidth_gbps
+        if degree > 1 and self.comm_bytes_per_token:
+            per_token += self.comm_bytes_per_token * self.seq_comm_fraction(degree) / _MIB / self.bandwidth(degree)
+        return (self.quad_ms / degree) * s * s + per_token * s
 
     def group_overhead_ms(self, degree: int) -> float:
         """beta_ms + c(d): what a non-empty group pays whatever it runs, ms."""

@@ -67,6 +67,13 @@ class StepPlan:
     dropped: list[int] = field(default_factory=list)
     """Indices of sequences left out because no group can hold them (max_len_policy='drop')."""
 
+    @property
+    def gap_to_lower_bound(self) -> float | None:
+        """predicted / lower bound − 1: how far the plan can be from the best possible (None without a bound)."""
+        if not self.lower_bound_s:
+            return None
+        return self.predicted_time_s / self.lower_bound_s - 1
+
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
@@ -165,7 +172,7 @@ class StepPlan:
 
     def summary(self) -> dict[str, Any]:
         """A small dict for logs and metrics.jsonl."""
-        gap = self.predicted_time_s / self.lower_bound_s - 1 if self.lower_bound_s else None
+        gap = self.gap_to_lower_bound
         return {
             "microbatches": len(self.microbatches),
             "shape": self.shapes(),
