@@ -52,14 +52,21 @@ def batch_adaptive(lengths: list[int], *, num_ranks: int, cost: CostModel) -> St
     return best
 
 
-def best_static_plan(lengths: list[int], indices: list[int], num_ranks: int, cost: CostModel) -> StepPlan:
-    """Batch-adaptive plan of the sequences ``indices`` (the others are left out, not dropped)."""
+def best_static_plan(
+    lengths: list[int], indices: list[int], num_ranks: int, cost: CostModel, *, beat_ms: float | None = None
+) -> StepPlan | None:
+    """Batch-adaptive plan of the sequences ``indices`` (the others are left out, not dropped).
+
+    ``beat_ms``: only a plan faster than this is wanted; None is returned when the bounds
+    prove that no degree can be (the search is exact either way)."""
     lowest = cost.min_degree(max(lengths[i] for i in indices), num_ranks)
     # Choose the degree on plain LPT packings, then polish only the winner with the local search.
     # Degrees go in order of a lower bound on their plan (_static_bound_ms); once the bound
     # exceeds the best plain packing, no later degree can win.
     s_K = np.asarray([lengths[i] for i in indices], dtype=np.float64)
     degrees = sorted((_static_bound_ms(s_K, num_ranks, d, cost), d) for d in cost.degrees(num_ranks) if d >= lowest)
+    if beat_ms is not None and degrees[0][0] >= beat_ms:
+        return None
     table = TimeTable({i: lengths[i] for i in indices}, cost)
     winner, best_ms = degrees[0][1], None
     for bound, d in degrees:

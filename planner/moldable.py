@@ -43,9 +43,10 @@ class DemandModel:
 
     def __init__(self, seqs: list[int], lengths: dict[int, int], num_ranks: int, cost: CostModel):
         self.seqs, self.num_ranks, self.cost = seqs, num_ranks, cost
+        self.floor = 1
+        """Degrees below this are not offered to any sequence (see moldable_packing)."""
         self.s_K = np.asarray([lengths[i] for i in seqs], dtype=np.float64)
-        lowest = cost.min_degree(int(self.s_K.max()), num_ranks)
-        self.d_D = np.asarray([d for d in cost.degrees(num_ranks) if d >= lowest], dtype=np.int64)
+        self.d_D = np.asarray(cost.degrees(num_ranks), dtype=np.int64)
         self.kappa_D = np.asarray([cost.token_capacity(int(d)) for d in self.d_D], dtype=np.float64)
         self.o_D = np.asarray([cost.group_overhead_ms(int(d)) for d in self.d_D])
         self.t_KD = np.stack([cost.seq_times_ms(self.s_K, int(d)) for d in self.d_D], axis=1)
@@ -62,7 +63,7 @@ class DemandModel:
 
     def choose(self, target_ms: float) -> np.ndarray | None:
         """Index into d_D of each sequence's degree at this target; None if one cannot make it."""
-        ok_KD = self.alone_KD <= target_ms
+        ok_KD = (self.alone_KD <= target_ms) & (self.d_D >= self.floor)[None, :]
         if not ok_KD.any(axis=1).all():
             return None
         return np.argmin(np.where(ok_KD, self.rank_time_KD, np.inf), axis=1)
@@ -152,13 +153,32 @@ def moldable_packing(
     improve_rounds: int = 200,
     table: TimeTable | None = None,
 ) -> Packing | None:
-    """The best real packing over the module's targets; None if the pooled demand never fits."""
+    """The best real packing over the module's targets and degree floors; None if the pooled
+    demand never fits.
+
+    Floors: every degree (1), and only degrees that hold the slice's longest sequence. The
+    second keeps short sequences in the large groups' spare time instead of on groups of their
+    own, which the pooled demand cannot see (it ignores how a large group's time fragments).
+    """
     model = DemandModel(seqs, lengths, num_ranks, cost)
-    target = model.smallest_target()
-    if target is None:
-        return None
     best: Packing | None = None
     tried: set[tuple] = set()
+    for floor in sorted({1, cost.min_degree(int(model.s_K.max()), num_ranks)}):
+        model.floor = floor
+        best = _best_over_targets(model, lengths, cost, table, best, tried)
+    # Only the best LPT packing gets the local search: it rarely changes the ranking and costs
+    # more than everything else.
+    if best is not None:
+        best.improve(max_rounds=improve_rounds)
+    return best
+
+
+def _best_over_targets(model: DemandModel, lengths, cost, table, best: Packing | None, tried: set) -> Packing | None:
+    """LPT packings at the least feasible target and the looser ones; the best of them and ``best``."""
+    num_ranks = model.num_ranks
+    target = model.smallest_target()
+    if target is None:
+        return best
     for factor in _LOOSER:
         counts = model.counts(target * factor)
         if counts is None or sum(d * n for d, n in counts.items()) > num_ranks:
@@ -172,8 +192,4 @@ def moldable_packing(
         packing = lpt_pack(counts, by_degree, lengths, cost, improve=False, table=table)
         if packing is not None and (best is None or packing.makespan_ms() < best.makespan_ms()):
             best = packing
-    # Only the best LPT packing gets the local search: it rarely changes the ranking and costs
-    # more than everything else.
-    if best is not None:
-        best.improve(max_rounds=improve_rounds)
     return best

@@ -37,7 +37,7 @@ from planner.bucketing import cut_microbatches, optimal_buckets, sorted_order
 from planner.checks import lower_bound_s, step_bounds, validate_batch
 from planner.cost import CostModel
 from planner.milp import DEFAULT_MIP_GAP, MilpResult, MilpSolveError, available_solvers, solve_milp
-from planner.moldable import moldable_packing
+from planner.moldable import DemandModel, moldable_packing
 from planner.packing import Packing, TimeTable, homogeneous_packing, lpt_pack, place_groups, refine_tiling
 from planner.plan import Group, MicroBatch, StepPlan
 
@@ -106,8 +106,8 @@ def plan_step(
         dropped=dropped,
     )
     # Step 3 of the module docstring.
-    fallback = best_static_plan(lengths, kept, num_ranks, cost)
-    if fallback.predicted_time_s < plan.predicted_time_s:
+    fallback = best_static_plan(lengths, kept, num_ranks, cost, beat_ms=plan.predicted_time_s * 1e3)
+    if fallback is not None and fallback.predicted_time_s < plan.predicted_time_s:
         fallback.dropped = dropped
         fallback.lower_bound_s = plan.lower_bound_s
         plan = fallback
@@ -144,7 +144,7 @@ class _Search:
         for m in range(bound.m_min, len(kept) + 1):
             if best is not None and (m > bound.m_min + extra or bound.at(m) >= best[1]):
                 break
-            slices = self.solve_cut(kept, m)
+            slices = self.solve_cut(kept, m, None if best is None else best[1])
             if slices is not None:
                 total = sum(s.makespan_ms for s in slices)
                 if best is None or total < best[1]:
@@ -152,14 +152,21 @@ class _Search:
         assert best is not None, "one sequence per micro-batch always fits after validate_batch"
         return best
 
-    def solve_cut(self, kept: list[int], m: int) -> list[_Slice] | None:
-        """Solve every slice of the M-way token-balanced cut; None if one is infeasible."""
-        slices = []
-        for lo, hi in cut_microbatches([self.lengths[i] for i in kept], m):
-            planned = self.solve_slice(kept[lo:hi])
+    def solve_cut(self, kept: list[int], m: int, beat_ms: float | None) -> list[_Slice] | None:
+        """Solve every slice of the M-way token-balanced cut; None if one is infeasible, or once
+        the slices solved plus the lower bounds of the rest cannot beat ``beat_ms``."""
+        cut = cut_microbatches([self.lengths[i] for i in kept], m)
+        members = [kept[lo:hi] for lo, hi in cut]
+        bounds = [DemandModel(seqs, self.lengths, self.num_ranks, self.cost).lower_bound_ms() for seqs in members]
+        slices, done_ms = [], 0.0
+        for j, seqs in enumerate(members):
+            if beat_ms is not None and done_ms + sum(bounds[j:]) >= beat_ms:
+                return None
+            planned = self.solve_slice(seqs, bounds[j])
             if planned is None:
                 return None
             slices.append(planned)
+            done_ms += planned.makespan_ms
         return slices
 
     def _solve_milp(self, buckets: list[list[int]]) -> MilpResult:
@@ -198,14 +205,16 @@ class _Search:
         by_degree = _split_buckets(members, result.assignment, local)
         return lpt_pack(result.counts, by_degree, local, self.cost, table=table), False
 
-    def solve_slice(self, seqs: list[int]) -> _Slice | None:
+    def solve_slice(self, seqs: list[int], bound_ms: float) -> _Slice | None:
         """The best of the combinatorial, homogeneous and (small slices) MILP packings."""
         local = {i: self.lengths[i] for i in seqs}
         table = TimeTable(local, self.cost)
-        found = (
-            moldable_packing(seqs, local, self.num_ranks, self.cost, table=table),
-            _best_homogeneous(seqs, local, self.num_ranks, self.cost, table),
-        )
+        moldable = moldable_packing(seqs, local, self.num_ranks, self.cost, table=table)
+        # A combinatorial plan at the slice's lower bound is optimal: nothing else can beat it.
+        if moldable is not None and moldable.makespan_ms() <= bound_ms * (1 + 1e-12):
+            return _Slice(moldable.groups(), moldable.makespan_ms(), False, False)
+        beat = None if moldable is None else moldable.makespan_ms()
+        found = (moldable, _best_homogeneous(seqs, local, self.num_ranks, self.cost, table, beat_ms=beat))
         candidates = [(p, False) for p in found if p is not None]
         failed = False
         if len(seqs) <= _MILP_MAX_SEQS and self.backend != "none":
@@ -233,11 +242,15 @@ def _split_buckets(members, assignment, local) -> dict[int, list[int]]:
     return by_degree
 
 
-def _best_homogeneous(seqs, local, num_ranks, cost, table: TimeTable | None = None) -> Packing | None:
-    """The fastest single-degree packing of a micro-batch (None if no degree holds it).
+def _best_homogeneous(
+    seqs, local, num_ranks, cost, table: TimeTable | None = None, *, beat_ms: float | None = None
+) -> Packing | None:
+    """The fastest single-degree packing of a micro-batch (None if no degree holds it, or if
+    none can beat ``beat_ms``).
 
     Degrees are tried in order of their bound o_d + max(max t, Σ t / (N/d)) and the search
-    stops once that bound cannot beat the best LPT packing; only the winner gets the local search.
+    stops once that bound cannot beat the best LPT packing (or ``beat_ms``); only the winner
+    gets the local search.
     """
     table = table if table is not None else TimeTable(local, cost)
     lowest = cost.min_degree(max(local[i] for i in seqs), num_ranks)
@@ -249,7 +262,7 @@ def _best_homogeneous(seqs, local, num_ranks, cost, table: TimeTable | None = No
             bounds.append((cost.group_overhead_ms(d) + max(float(t_K.max()), float(t_K.sum()) / (num_ranks // d)), d))
     best = None
     for bound, d in sorted(bounds):
-        if best is not None and bound >= best.makespan_ms():
+        if best is not None and bound >= best.makespan_ms() or beat_ms is not None and bound >= beat_ms:
             break
         packing = homogeneous_packing(seqs, d, num_ranks, local, cost, improve=False, table=table)
         if packing is not None and (best is None or packing.makespan_ms() < best.makespan_ms()):
