@@ -50,15 +50,20 @@ class TrainingError(RuntimeError):
 
 
 def resolve_cost_model(config: Config, world_size: int) -> CostModel:
-    """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
-    hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
+    """``planner.cost_model``: a preset name, a JSON path, or auto (on CPU the model's FLOP-derived
+    coefficients with a budget from this machine's memory, planner.presets.cpu_cost_model; on a
+    GPU the hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
     from planner.dryrun import resolve_cost
 
     spec = config.planner.cost_model
     if spec != "auto":
         return resolve_cost(spec, world_size)
     if not torch.cuda.is_available():
-        return CostModel.preset("tiny-cpu", world_size=world_size)
+        from planner.presets import HybridShape, cpu_cost_model
+
+        shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, config.launch.nproc_per_node)))
+        return cpu_cost_model(shape, world_size=world_size, ranks_per_machine=per_machine, zero_stage=config.train.zero_stage)
     import dataclasses
 
     cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
