@@ -286,7 +286,8 @@ def cpu_cost_model(
     if budget_gb <= states_gb:
         raise ValueError(
             f"cost model auto: {budget_gb:.2f} GB per rank ({CPU_MEMORY_SHARE:.0%} of {total / 2**30:.1f} GB over "
-            f"{ranks_per_machine} ranks) does not hold the model states ({states_gb:.2f} GB); use fewer ranks per machine"
+            f"{ranks_per_machine} ranks) does not hold the model states ({states_gb:.2f} GB); "
+            "use fewer ranks per machine"
         )
     return flops_cost_model(
         shape,

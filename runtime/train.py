@@ -63,7 +63,8 @@ def resolve_cost_model(config: Config, world_size: int) -> CostModel:
 
         shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, config.launch.nproc_per_node)))
-        return cpu_cost_model(shape, world_size=world_size, ranks_per_machine=per_machine, zero_stage=config.train.zero_stage)
+        stage = config.train.zero_stage
+        return cpu_cost_model(shape, world_size=world_size, ranks_per_machine=per_machine, zero_stage=stage)
     import dataclasses
 
     cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
