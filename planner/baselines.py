@@ -148,11 +148,13 @@ def _static_plan(
             for i in members:
                 packing.add(i, b)
     ordered = sorted(packing.bins, key=lambda b: (-packing.load(b), sorted(b.members)))
-    ranks = place_groups([degree] * groups_per_mb)
+    # Ranks past the last whole group (a degree that does not divide N) idle in one-rank groups.
+    ranks = place_groups([degree] * groups_per_mb + [1] * (num_ranks - degree * groups_per_mb))
     microbatches = []
     for m in range(num_mb):
         chunk = ordered[m * groups_per_mb : (m + 1) * groups_per_mb]
         groups = [Group(r, sorted(b.members)) for r, b in zip(ranks, chunk)]
+        groups += [Group(r, []) for r in ranks[groups_per_mb:]]
         microbatches.append(MicroBatch(groups, max(packing.load(b) for b in chunk) / 1e3))
     return StepPlan(
         microbatches=microbatches,

@@ -18,12 +18,15 @@ log = logging.getLogger("planner.solver")
 
 def validate_batch(lengths: list[int], *, num_ranks: int, cost: CostModel, max_len_policy: str = "error") -> list[int]:
     """Check the inputs; return the indices to drop (policy 'drop'), or raise ValueError."""
-    if not is_power_of_two(num_ranks):
-        raise ValueError(
-            f"num_ranks: got {num_ranks!r}; the planner's buddy groups need a power-of-two number of ranks"
-        )
     if not isinstance(cost, CostModel):
         raise ValueError(f"cost: expected a planner.cost.CostModel, got {type(cost).__name__}")
+    if cost.group_sizes == "pow2" and not is_power_of_two(num_ranks):
+        raise ValueError(
+            f"num_ranks: got {num_ranks!r}; the planner's buddy groups need a power-of-two number of ranks "
+            "(or group_sizes='any')"
+        )
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ValueError(f"num_ranks: got {num_ranks!r}; must be a positive integer")
     if max_len_policy not in ("error", "drop"):
         raise ValueError(f"max_len_policy: got {max_len_policy!r}; allowed: 'error', 'drop'")
     if isinstance(lengths, str | bytes | dict) or not hasattr(lengths, "__len__") or len(lengths) == 0:

@@ -134,7 +134,7 @@ class DemandModel:
             usable = [d for d in counts if d <= spare]
             if not usable:
                 # Spare ranks below every used degree: empty groups the local search may fill.
-                d = 1 << (spare.bit_length() - 1)
+                d = max(int(x) for x in self.d_D if x <= spare)
                 counts[d] = counts.get(d, 0) + 1
                 spare -= d
                 continue

@@ -269,8 +269,8 @@ def _neighbour_tilings(degrees: list[int], allowed: set[int]) -> list[list[int]]
     for d, count in counts.items():
         rest = list(degrees)
         rest.remove(d)
-        if d // 2 in allowed and d > 1:
-            result.append(rest + [d // 2, d // 2])
+        if d > 1 and d // 2 in allowed and d - d // 2 in allowed:
+            result.append(rest + [d // 2, d - d // 2])
         if count >= 2 and 2 * d in allowed:
             rest.remove(d)
             result.append(rest + [2 * d])
@@ -292,11 +292,12 @@ def homogeneous_packing(
 
 
 def place_groups(degrees: list[int]) -> list[tuple[int, ...]]:
-    """Rank tuples for groups of these power-of-two degrees (summing to N), largest first.
+    """Rank tuples for groups of these degrees on consecutive ranks from 0, largest first.
 
-    Laying out degrees in decreasing order keeps each start a sum of larger powers of two, hence
-    a multiple of the group's own degree: every group is a buddy block (parallel.context), and
-    groups of ≤ 8 never straddle an 8-GPU node.
+    With power-of-two degrees summing to a power of two, decreasing order keeps each start a sum
+    of larger powers of two, hence a multiple of the group's own degree: every group is a buddy
+    block (parallel.context), and groups of ≤ 8 never straddle an 8-GPU node. Other sizes
+    (group_sizes='any') are contiguous blocks, which may straddle a node.
     """
     order = sorted(range(len(degrees)), key=lambda j: -degrees[j])
     ranks: list[tuple[int, ...]] = [()] * len(degrees)

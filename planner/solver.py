@@ -26,6 +26,7 @@ which a plan could depend on timing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def plan_step(
     extra_microbatches: int = 3,
     max_len_policy: str = "error",
     mip_gap: float = DEFAULT_MIP_GAP,
+    group_sizes: str | None = None,
 ) -> StepPlan:
     """Plan one step: micro-batches of SP groups of mixed power-of-two degrees (module docstring).
 
@@ -81,9 +83,15 @@ def plan_step(
     combinatorial planner has no clock at all. ``solver``: the MILP backend for small slices,
     'highs' or 'cbc'. ``max_len_policy``: 'error' raises on a sequence no group can hold;
     'drop' leaves it out and lists it in ``StepPlan.dropped``. ``mip_gap``: relative
-    optimality gap of each MILP.
+    optimality gap of each MILP. ``group_sizes``: 'pow2' (buddy groups) or 'any' (contiguous
+    groups of any size, on any number of ranks); None keeps the cost model's (default 'pow2').
     """
     start = time.perf_counter()
+    if group_sizes is not None:
+        if group_sizes not in ("pow2", "any"):
+            raise ValueError(f"group_sizes: got {group_sizes!r}; allowed: 'pow2', 'any'")
+        if isinstance(cost, CostModel):
+            cost = dataclasses.replace(cost, group_sizes=group_sizes)
     dropped = validate_batch(lengths, num_ranks=num_ranks, cost=cost, max_len_policy=max_len_policy)
     lengths = [int(s) for s in lengths]
     if time_limit_s <= 0:
@@ -97,19 +105,21 @@ def plan_step(
     search = _Search(lengths, num_ranks, cost, _pick_solver(solver), num_buckets, mip_gap, time_limit_s)
     slices, total_ms = search.run(kept, extra_microbatches)
     plan = StepPlan(
-        microbatches=[_to_microbatch(s) for s in slices],
+        microbatches=[_to_microbatch(s, num_ranks) for s in slices],
         num_ranks=num_ranks,
         predicted_time_s=total_ms / 1e3,
         solver=search.backend if any(s.by_milp for s in slices) else "combinatorial",
         solve_time_s=0.0,
         lower_bound_s=lower_bound_s([lengths[i] for i in kept], num_ranks=num_ranks, cost=cost),
         dropped=dropped,
+        group_sizes=cost.group_sizes,
     )
     # Step 3 of the module docstring.
     fallback = best_static_plan(lengths, kept, num_ranks, cost, beat_ms=plan.predicted_time_s * 1e3)
     if fallback is not None and fallback.predicted_time_s < plan.predicted_time_s:
         fallback.dropped = dropped
         fallback.lower_bound_s = plan.lower_bound_s
+        fallback.group_sizes = cost.group_sizes
         plan = fallback
     plan.solve_time_s = time.perf_counter() - start
     return plan
@@ -272,8 +282,11 @@ def _best_homogeneous(
     return best
 
 
-def _to_microbatch(planned: _Slice) -> MicroBatch:
-    ranks = place_groups([d for d, _ in planned.groups])
-    groups = [Group(r, seqs) for r, (_, seqs) in zip(ranks, planned.groups)]
+def _to_microbatch(planned: _Slice, num_ranks: int) -> MicroBatch:
+    # Ranks no group covers (degrees that do not divide N) idle in one-rank groups.
+    spare = num_ranks - sum(d for d, _ in planned.groups)
+    layout = planned.groups + [(1, [])] * spare
+    ranks = place_groups([d for d, _ in layout])
+    groups = [Group(r, seqs) for r, (_, seqs) in zip(ranks, layout)]
     groups.sort(key=lambda g: g.ranks[0])
     return MicroBatch(groups, planned.makespan_ms / 1e3)

@@ -121,6 +121,7 @@ class StepPlanner:
         self.mode, self.ctx, self.cost, self.lengths_of = config.planner.mode, ctx, cost, lengths_of
         self.static_degree = config.planner.static_degree
         self.kwargs = {"time_limit_s": config.planner.time_limit_s, "solver": config.planner.solver}
+        self.kwargs["group_sizes"] = config.planner.group_sizes
         self.async_planner = None
         if ctx.rank == 0 and self.mode == "flexsp" and config.planner.async_plan:
             from planner.async_plan import AsyncPlanner

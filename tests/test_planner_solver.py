@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -308,3 +309,48 @@ def test_thousands_of_ranks_are_planned_whole():
     plan.validate(lengths, cost)
     assert plan.lower_bound_s <= plan.predicted_time_s
     assert plan.gap_to_lower_bound == pytest.approx(plan.predicted_time_s / plan.lower_bound_s - 1)
+
+
+def any_size_instances(count: int):
+    """Tiny single-micro-batch instances on 3 or 6 ranks with groups of any size."""
+    rng = random.Random(11)
+    found = []
+    while len(found) < count:
+        cost = dataclasses.replace(TINY_COSTS[0], group_sizes="any")
+        num_ranks = rng.choice([3, 6])
+        per_rank = cost.token_capacity(1)
+        k = rng.randint(3, 5)
+        lengths = [rng.choice([rng.randint(20, per_rank), rng.randint(per_rank, 3 * per_rank)]) for _ in range(k)]
+        cluster = max(num_ranks // d * cost.token_capacity(d) for d in cost.degrees(num_ranks))
+        if sum(lengths) <= cluster and max(lengths) <= cost.max_sequence_length(num_ranks):
+            optimum = true_optimum_ms(lengths, num_ranks, cost)
+            if math.isfinite(optimum):
+                found.append((lengths, num_ranks, cost, optimum))
+    return found
+
+
+@pytest.mark.parametrize("lengths,num_ranks,cost,optimum", any_size_instances(12))
+def test_any_group_size_plan_equals_brute_force_optimum(lengths, num_ranks, cost, optimum):
+    # group_sizes='any' on 3 or 6 ranks: the plan's makespan is the best over every tiling by
+    # blocks of any size and every assignment. Tolerance: float rounding only (1e-9 relative).
+    plan = plan_step(lengths, num_ranks=num_ranks, cost=cost, extra_microbatches=0, mip_gap=1e-9)
+    plan.validate(lengths, cost)
+    assert plan.group_sizes == "any" and len(plan.microbatches) == 1
+    assert plan.predicted_time_s * 1e3 == pytest.approx(optimum, rel=1e-9)
+    assert StepPlan.from_json(plan.to_json()) == plan
+
+
+def test_groups_of_three_beat_powers_of_two_on_five_long_sequences():
+    # FCP's case: 5 equal sequences that each need 2 ranks, on 16 ranks. Powers of two leave
+    # some on groups of 2 (e.g. 4+4+4+2+2); any size gives each at least 3 (3+3+3+3+4).
+    cost = dataclasses.replace(TINY_COSTS[0], group_sizes="any")
+    lengths = [cost.token_capacity(2)] * 5
+    pow2 = plan_step(lengths, num_ranks=16, cost=TINY_COSTS[0])
+    anysize = plan_step(lengths, num_ranks=16, cost=cost)
+    anysize.validate(lengths, cost)
+    assert anysize.predicted_time_s < pow2.predicted_time_s
+    assert min(g.degree for g in anysize.microbatches[0].groups if g.seq_indices) >= 3
+    with pytest.raises(ValueError, match="powers of two"):
+        anysize.validate(lengths, TINY_COSTS[0])
+    # The option is a plan_step argument too, and the plan records it.
+    assert plan_step(lengths, num_ranks=16, cost=TINY_COSTS[0], group_sizes="any").group_sizes == "any"
