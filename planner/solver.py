@@ -9,8 +9,9 @@
    - the combinatorial plan (planner.moldable: bisection on the makespan over the pooled rank
      demand, then LPT packing and local search; planner.packing);
    - the best homogeneous packing of the slice;
-   - for slices of at most _MILP_MAX_SEQS sequences, the degree-count MILP (planner.milp; HiGHS,
-     CBC if HiGHS errors out) with one sequence per bucket, packed the same way.
+   - for slices of at most _MILP_MAX_SEQS sequences and at most _MILP_MAX_DEGREES allowed
+     degrees, the degree-count MILP (planner.milp; HiGHS, CBC if HiGHS errors out) with one
+     sequence per bucket, packed the same way.
    Slices of at most _REFINE_MAX_SEQS sequences also try the tilings next to the winner's.
 3. The best single-degree plan of the whole batch (planner.baselines.batch_adaptive) is the
    last candidate: consecutive cuts can need more micro-batches than free packing when memory
@@ -47,8 +48,10 @@ __all__ = ["lower_bound_s", "plan_step", "validate_batch"]
 log = logging.getLogger(__name__)
 
 # Micro-batches with at most this many sequences also get the MILP, one sequence per bucket
-# (exact in its pooled model; milliseconds at this size).
+# (exact in its pooled model; milliseconds at this size), when there are at most
+# _MILP_MAX_DEGREES allowed degrees (groups of any size on many ranks make the MILP slow).
 _MILP_MAX_SEQS = 8
+_MILP_MAX_DEGREES = 8
 # Micro-batches with at most this many sequences also try the tilings next to the winner's
 # (planner.packing.refine_tiling); in larger ones per-degree pooling is accurate anyway.
 _REFINE_MAX_SEQS = 16
@@ -227,7 +230,8 @@ class _Search:
         found = (moldable, _best_homogeneous(seqs, local, self.num_ranks, self.cost, table, beat_ms=beat))
         candidates = [(p, False) for p in found if p is not None]
         failed = False
-        if len(seqs) <= _MILP_MAX_SEQS and self.backend != "none":
+        small = len(seqs) <= _MILP_MAX_SEQS and len(self.cost.degrees(self.num_ranks)) <= _MILP_MAX_DEGREES
+        if small and self.backend != "none":
             packing, failed = self._milp_packing(seqs, local, table)
             if packing is not None:
                 candidates.append((packing, True))
