@@ -23,6 +23,10 @@ LASP-2H all-gather + MoE) and ``tiny-cpu``. Per batch:
 Scale (``--scale-ranks``, default 1024 and 4096): batches of 8 sequences per rank planned
 whole by ``plan_step``: wall and CPU time, and peak memory (tracemalloc, in a separate call).
 
+Context sweep (``--context-caps``, 32K to 1M): ``hybrid-1b-h100`` on GitHub batches capped at
+each length, the predicted speedups and softmax attention's share of the compute: where
+adaptive SP pays for a hybrid LASP-2 / LASP-2H + MoE model.
+
 Paper, for reference (measured, not predicted): up to 1.98x vs Megatron-LM, 1.72x vs
 DeepSpeed-Ulysses, and up to 1.42x from mixing degrees within a batch (vs BatchAda).
 Writes planner.json and planner.png under --out-dir (default benchmarks/out/planner; pass
@@ -182,6 +186,42 @@ def measure_scale(num_ranks: int, cost_name: str, args) -> dict:
     return row
 
 
+def measure_context(cap: int, args) -> dict:
+    """hybrid-1b-h100 on --num-ranks ranks with sequences up to ``cap``: where adaptive SP pays."""
+    cost = CostModel.preset("hybrid-1b-h100", world_size=args.num_ranks)
+    cap = min(cap, cost.max_sequence_length(args.num_ranks))
+    static_degree = smallest_static_degree([cap], num_ranks=args.num_ranks, cost=cost)
+    lengths = sample_lengths("github", args.context_batches * args.batch_size, seed=args.seed, cap=cap)
+    rows = []
+    for b in range(args.context_batches):
+        batch = lengths[b * args.batch_size : (b + 1) * args.batch_size]
+        plan = plan_step(batch, num_ranks=args.num_ranks, cost=cost)
+        t = plan.predicted_time_s
+        static = static_sp(batch, num_ranks=args.num_ranks, sp_degree=static_degree, cost=cost).predicted_time_s
+        adaptive = batch_adaptive(batch, num_ranks=args.num_ranks, cost=cost).predicted_time_s
+        megatron = megatron_dynamic_cp(batch, num_ranks=args.num_ranks, cost=cost).predicted_time_s
+        quad = sum(cost.quad_ms * s * s for s in batch)
+        rows.append(
+            {
+                "vs_static": static / t,
+                "vs_batch_adaptive": adaptive / t,
+                "vs_megatron": megatron / t,
+                # softmax attention's share of the batch's compute (quad_ms·s² over quad + lin)
+                "softmax_share": quad / (quad + sum(cost.lin_ms * s for s in batch)),
+                "microbatches": len(plan.microbatches),
+            }
+        )
+    result = {"cap": cap, "static_degree": static_degree, "batches": len(rows)}
+    result.update({key: statistics.median(r[key] for r in rows) for key in rows[0]})
+    print(
+        f"context cap {cap:>9,}: softmax share {result['softmax_share']:.0%}, vs static SP={static_degree} "
+        f"{result['vs_static']:.2f}x, vs batch-adaptive {result['vs_batch_adaptive']:.2f}x, "
+        f"vs Megatron {result['vs_megatron']:.2f}x",
+        flush=True,
+    )
+    return result
+
+
 def _stats(values: list[float]) -> dict:
     return {
         "median": statistics.median(values),
@@ -288,8 +328,17 @@ def main() -> None:
     parser.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
     parser.add_argument("--scale-ranks", nargs="*", type=int, help="whole-cluster planning sizes (default 1024 4096)")
     parser.add_argument("--scale-batches", type=int, help="batches per scale size (default 5; quick 1)")
+    parser.add_argument(
+        "--context-caps",
+        nargs="*",
+        type=int,
+        default=[32 * 1024, 64 * 1024, 128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024],
+        help="hybrid-1b-h100 context-length sweep: longest sequence per batch",
+    )
+    parser.add_argument("--context-batches", type=int, help="GitHub batches per context cap (default 5; quick 1)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    args.context_batches = args.context_batches or (1 if args.quick else 5)
     args.batches = args.batches or (2 if args.quick else 20)
     if args.scale_ranks is None:
         args.scale_ranks = [1024] if args.quick else [1024, 4096]
@@ -308,6 +357,7 @@ def main() -> None:
         for cost_name in ("flexsp-gpt7b-a100", "hybrid-1b-h100")
         if cost_name in args.cost_models
     ]
+    context = [measure_context(cap, args) for cap in args.context_caps] if "hybrid-1b-h100" in args.cost_models else []
     config = {
         "num_ranks": args.num_ranks,
         "batch_size": args.batch_size,
@@ -319,6 +369,8 @@ def main() -> None:
         "distributions": args.distributions,
         "scale_ranks": args.scale_ranks,
         "scale_batches": args.scale_batches,
+        "context_caps": args.context_caps,
+        "context_batches": args.context_batches,
         "quick": args.quick,
         "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
         "megatron_source": "NVIDIA/Megatron-LM dev @ d48bd6be0a85cc0d6d3cc71e8750cf357cc6bdb1",
@@ -326,7 +378,14 @@ def main() -> None:
         "highspy": _package_version("highspy"),
     }
     summary = summarise(rows)
-    payload = {"machine": machine_info(), "config": config, "summary": summary, "scale": scale, "rows": rows}
+    payload = {
+        "machine": machine_info(),
+        "config": config,
+        "summary": summary,
+        "scale": scale,
+        "context_sweep": context,
+        "rows": rows,
+    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = write_json("planner", payload, args.out_dir)
     plot(rows, scale, args.out_dir / "planner.png")

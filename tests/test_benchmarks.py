@@ -91,8 +91,10 @@ def test_planner_benchmark_writes_its_results(tmp_path):
         assert row["speedup_vs_megatron"] == pytest.approx(row["megatron_time_s"] / row["predicted_time_s"])
         assert row["speedup_vs_batch_adaptive"] > 0 and row["plan_wall_s"] > 0 and row["gap_to_lower_bound"] >= -1e-9
         assert row["same_plan_twice"] and row["any_gain"] > 0
-    # the whole-cluster scale run (quick: 1024 ranks only)
+    # the whole-cluster scale run (quick: 1024 ranks only) and the hybrid context sweep
     assert {r["num_ranks"] for r in result["scale"]} == {1024}
+    assert [r["cap"] for r in result["context_sweep"]] == [2**15, 2**16, 2**17, 2**18, 2**19, 2**20]
+    assert all(0 < r["softmax_share"] < 1 and r["vs_megatron"] > 0 for r in result["context_sweep"])
     summary = result["summary"]["flexsp-gpt7b-a100"]
     assert {"all", "wikipedia", "github", "commoncrawl"} <= set(summary)
     assert {"plan_wall_s", "speedup_vs_static", "speedup_vs_batch_adaptive", "gap_to_lower_bound"} <= set(
