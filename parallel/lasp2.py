@@ -430,3 +430,12 @@ def lasp2_attention(
     if spans.num_ranks == 1:
         return local_attention(q, k, v, log_decay, spans, causal, chunk_size)
     return _Lasp2Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)
+
+
+def __getattr__(name: str):
+    # re-export of the delta-rule op (parallel/lasp2_delta.py), lazily: that module imports this one
+    if name == "lasp2_delta_rule_attention":
+        from parallel.lasp2_delta import lasp2_delta_rule_attention
+
+        return lasp2_delta_rule_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
