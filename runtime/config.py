@@ -50,7 +50,8 @@ def _fail(path: str, value: Any, allowed: str) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     layer_pattern: str = "LLLS"
-    """Attention type per layer, repeated to num_layers: L = linear attention (LASP-2), S = softmax (LASP-2H)."""
+    """Attention type per layer, repeated to num_layers: L = linear attention (LASP-2), S = softmax (LASP-2H),
+    G = gated DeltaNet (delta rule, LASP-2 style)."""
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 4
@@ -67,8 +68,12 @@ class ModelConfig:
     """Recompute each block in the backward pass (the MoE router state is a checkpoint input)."""
 
     def validate(self) -> None:
-        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
-            _fail("model.layer_pattern", self.layer_pattern, "use a non-empty string of L (linear) and S (softmax)")
+        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S", "G"}:
+            _fail(
+                "model.layer_pattern",
+                self.layer_pattern,
+                "use a non-empty string of L (linear), S (softmax) and G (gated DeltaNet)",
+            )
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_hidden", "vocab_size"):
             _positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.num_heads:
@@ -85,7 +90,8 @@ class ParallelConfig:
     """auto = NCCL when CUDA is available, else gloo."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    linear_sp: Literal["lasp2", "lasp1", "ulysses"] = "lasp2"
+    linear_sp: Literal["lasp2", "lasp1", "ulysses", "scan"] = "lasp2"
+    """scan = pipelined state passing (parallel/scan.py)."""
     softmax_sp: Literal["allgather", "ulysses"] = "allgather"
     """allgather = LASP-2H."""
     timeout_s: float = 600.0

@@ -2,7 +2,8 @@
 
 ``model.layer_pattern`` ("LLLS", repeated to ``num_layers``) gives each layer's token mixer:
 L = linear attention with a learned per-head decay (LASP-2, or LASP-1 / Ulysses by config),
-S = softmax attention with RoPE and GQA (LASP-2H all-gather, or Ulysses). Each layer's FFN is a
+S = softmax attention with RoPE and GQA (LASP-2H all-gather, or Ulysses), G = Gated DeltaNet
+(runtime/deltanet.py). Each layer's FFN is a
 SwiGLU MLP (``ffn = "dense"``) or an MoE layer (``ffn = "moe"``, moe/). Pre-norm residual blocks
 with RMSNorm, byte-level vocabulary, optional tied embeddings.
 
@@ -33,9 +34,11 @@ from parallel import comm
 from parallel.comm import Group, group_size
 from parallel.lasp2 import lasp2_attention
 from parallel.ring import lasp1_attention
+from parallel.scan import scan_attention
 from parallel.softmax_sp import allgather_attention
 from parallel.ulysses import ulysses_attention, ulysses_linear_attention
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
+from runtime.deltanet import GatedDeltaNet
 
 __all__ = ["HybridLM", "SPBatch", "build_model", "layer_kinds"]
 
@@ -126,6 +129,8 @@ class LinearAttention(nn.Module):
             o = lasp2_attention(q, k, v, **kwargs)
         elif self.method == "lasp1":
             o = lasp1_attention(q, k, v, **kwargs)
+        elif self.method == "scan":
+            o = scan_attention(q, k, v, **kwargs)
         else:
             o = ulysses_linear_attention(q, k, v, **kwargs)
         return self.out(self.norm(o).reshape(B, T, -1))
@@ -171,7 +176,8 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mix_norm, self.ffn_norm = RMSNorm(config.d_model), RMSNorm(config.d_model)
-        self.mix = LinearAttention(config, parallel) if kind == "L" else SoftmaxAttention(config, parallel)
+        mixers = {"L": LinearAttention, "S": SoftmaxAttention, "G": GatedDeltaNet}
+        self.mix = mixers[kind](config, parallel)
         self.ffn = ffn
 
     def forward(self, x: Tensor, batch: SPBatch, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

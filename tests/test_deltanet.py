@@ -1,0 +1,135 @@
+"""The Gated DeltaNet block (layer letter G): the SP model equals the single-device model (fp32,
+<= 1e-5 relative, logits and every parameter gradient, replicated parameters' gradients summed
+over ranks), and the short convolution's left context crosses rank cuts but never a document start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parallel import comm
+from runtime.config import ConfigError, ModelConfig, ParallelConfig
+from runtime.deltanet import CONV_KERNEL, causal_conv, conv_left_context, document_positions
+from runtime.model import SPBatch, build_model
+from tests.distributed import run_on_ranks
+from tests.sp_sim import rel_err
+
+FP32_TOL = 1e-5
+
+
+def gdn_config(pattern: str = "GS") -> ModelConfig:
+    return ModelConfig(
+        layer_pattern=pattern,
+        num_layers=len(pattern),
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden=48,
+        ffn="dense",
+    )
+
+
+def _setup(pattern, linear_sp, total, bounds):
+    torch.manual_seed(0)
+    model = build_model(gdn_config(pattern), ParallelConfig(linear_sp=linear_sp))
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 256, (1, total), generator=g)
+    targets = torch.randint(0, 256, (1, total), generator=g)
+    return model, tokens, targets, torch.tensor(bounds)
+
+
+def loss_and_grads(model, tokens, targets, batch):
+    model.zero_grad()
+    logits = model(tokens, batch)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _run_sharded(ctx, pattern, linear_sp, total, bounds):
+    model, tokens, targets, cu = _setup(pattern, linear_sp, total, bounds)
+    W, r = ctx.world_size, ctx.rank
+    T = total // W
+    local = slice(r * T, (r + 1) * T)
+    return loss_and_grads(model, tokens[:, local], targets[:, local], SPBatch(ctx.world, cu, r * T))
+
+
+CASES = [
+    # (W, total tokens, document bounds): documents inside, on a cut, spanning; shards of 2 < halo
+    (2, 24, [0, 5, 12, 21, 24]),
+    (3, 24, [0, 8, 11, 24]),
+    (4, 24, [0, 1, 6, 13, 24]),
+    (4, 8, [0, 2, 3, 8]),
+]
+
+
+@pytest.mark.parametrize("W,total,bounds", CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("linear_sp", ["lasp2", "scan", "lasp1"])
+def test_sharded_gdn_model_equals_single_device(W, total, bounds, linear_sp):
+    pattern = "GLS"
+    model, tokens, targets, cu = _setup(pattern, linear_sp, total, bounds)
+    ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPBatch.single(cu))
+    results = run_on_ranks(W, _run_sharded, pattern, linear_sp, total, bounds)
+    logits = torch.cat([res[0] for res in results], dim=1)
+    assert rel_err(logits, ref_logits) <= FP32_TOL
+    for name, want in ref_grads.items():
+        got = sum(res[1][name] for res in results)
+        assert rel_err(got, want) <= FP32_TOL, f"{name}: {rel_err(got, want):.2e}"
+
+
+def _conv_reference(x_BNC, weight_CK, bounds):
+    """Per document: F.conv1d with K-1 zeros of left padding (an independent formulation)."""
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        doc = x_BNC[:, a:b].transpose(1, 2)
+        y = F.conv1d(F.pad(doc, (weight_CK.shape[1] - 1, 0)), weight_CK[:, None, :], groups=doc.shape[1])
+        outs.append(y.transpose(1, 2))
+    return torch.cat(outs, dim=1)
+
+
+def _run_conv(ctx, x, weight, bounds, dy):
+    W, r = ctx.world_size, ctx.rank
+    T = x.shape[1] // W
+    x_r = x[:, r * T : (r + 1) * T].clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with comm.CommMeter() as meter:
+        halo = conv_left_context(x_r, CONV_KERNEL - 1, ctx.world)
+        pos = document_positions(torch.tensor(bounds), r * T, T, x.device)
+        y = causal_conv(x_r, halo, w, pos)
+        y.backward(dy[:, r * T : (r + 1) * T])
+    return y.detach(), x_r.grad, w.grad, meter.summary()
+
+
+@pytest.mark.parametrize("W,total,bounds", [(3, 15, [0, 5, 7, 15]), (4, 8, [0, 3, 8])], ids=str)
+def test_conv_halo_crosses_ranks_not_documents(W, total, bounds):
+    g = torch.Generator().manual_seed(0)
+    C = 6
+    x = torch.randn(1, total, C, generator=g)
+    weight = torch.randn(C, CONV_KERNEL, generator=g)
+    dy = torch.randn(1, total, C, generator=g)
+    xr, wr = x.clone().double().requires_grad_(), weight.clone().double().requires_grad_()
+    want = _conv_reference(xr, wr, bounds)
+    dx_want, dw_want = torch.autograd.grad(want, [xr, wr], dy.double())
+    results = run_on_ranks(W, _run_conv, x, weight, bounds, dy)
+    assert rel_err(torch.cat([r[0] for r in results], 1), want) <= FP32_TOL
+    assert rel_err(torch.cat([r[1] for r in results], 1), dx_want) <= FP32_TOL
+    assert rel_err(sum(r[2] for r in results), dw_want) <= FP32_TOL
+    T = total // W
+    for r, res in enumerate(results):
+        meter = res[3]
+        if T >= CONV_KERNEL - 1:  # P2P: (K-1) tokens of C fp32 to the next rank, gradients back
+            halo = (CONV_KERNEL - 1) * C * 4
+            assert meter["send"]["bytes_sent"] == halo * ((r + 1 < W) + (r > 0))
+        else:  # all-gather of the (short) shards, reduce-scatter of their gradients
+            assert meter["all_gather"]["bytes_sent"] == (W - 1) * T * C * 4
+
+
+def test_layer_letter_g_is_allowed_and_others_are_not():
+    gdn_config("GGGS").validate()
+    with pytest.raises(ConfigError, match="gated DeltaNet"):
+        gdn_config("GX").validate()
+
+
+def test_ulysses_is_refused_for_g_layers():
+    with pytest.raises(ValueError, match="no gated-delta-rule op"):
+        build_model(gdn_config("G"), ParallelConfig(linear_sp="ulysses"))
