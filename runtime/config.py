@@ -72,7 +72,7 @@ class ModelConfig:
             _fail(
                 "model.layer_pattern",
                 self.layer_pattern,
-                "use a non-empty string of L (linear), S (softmax) and G (gated DeltaNet)",
+                "use a non-empty string of L (linear) and S (softmax) letters, or G (gated DeltaNet)",
             )
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_hidden", "vocab_size"):
             _positive(f"model.{name}", getattr(self, name))
