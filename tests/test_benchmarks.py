@@ -25,6 +25,8 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
         "256",
         "--softmax-lengths",
         "128",
+        "--delta-lengths",
+        "128",
         "--repeats",
         "1",
         "--out-dir",
@@ -38,7 +40,11 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
     methods = {(r["kind"], r["method"]) for r in result["rows"]}
     assert methods == {
         ("linear", "LASP-2"),
+        ("linear", "Scan"),
         ("linear", "LASP-1"),
+        ("delta", "LASP-2"),
+        ("delta", "Scan"),
+        ("delta", "LASP-1"),
         ("linear", "Ulysses"),
         ("softmax", "LASP-2H"),
         ("softmax", "Ulysses"),
@@ -47,6 +53,11 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
     # B=1, H=4, d=64 fp32 state; forward (+8-byte fingerprint) and backward, one peer
     assert lasp2["bytes_sent_max_rank"] == (4 * 64 * 64 + 2) * 4 + 4 * 64 * 64 * 4
     assert "W=2,T=256" in result["summary"]["lasp1_over_lasp2_time"]
+    delta = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "LASP-2")
+    # the delta rule gathers state and transition (4 x 64 x (64 + 64)) forward, dM backward
+    assert delta["bytes_sent_max_rank"] == (4 * 64 * 128 + 2) * 4 + 4 * 64 * 64 * 4
+    scan = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "Scan")
+    assert scan["bytes_sent_max_rank"] == 4 * 64 * 64 * 4  # one state, forward or backward, per end rank
 
 
 def test_bench_rejects_lengths_that_do_not_split(tmp_path):
