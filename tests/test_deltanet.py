@@ -133,3 +133,17 @@ def test_layer_letter_g_is_allowed_and_others_are_not():
 def test_ulysses_is_refused_for_g_layers():
     with pytest.raises(ValueError, match="no gated-delta-rule op"):
         build_model(gdn_config("G"), ParallelConfig(linear_sp="ulysses"))
+
+
+def test_cost_model_volumes_cover_g_layers():
+    """seqmoe profile's communication terms: per peer, LASP-2 moves 3 states per G layer (state
+    and transition forward, dM backward), L layers 2; the scan's hop is 1/pieces of that."""
+    from parallel.scan import DEFAULT_PIECES
+    from planner.profile import comm_volumes
+    from runtime.config import load_config
+
+    state = 4 * 32 * 32 * 4  # 4 heads of 32 x 32, fp32
+    for linear_sp, g_states, scale in (("lasp2", 3, 1), ("lasp1", 2, 1), ("scan", 2, DEFAULT_PIECES)):
+        config = load_config("configs/tiny-gdn-cpu.toml", ["--model.ffn=dense", f"--parallel.linear_sp={linear_sp}"])
+        _, _, per_group = comm_volumes(config, elem_bytes=4)
+        assert per_group == 3 * g_states * state / scale  # GGGS: three G layers
