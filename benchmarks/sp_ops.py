@@ -40,12 +40,14 @@ H, D = 4, 64
 
 
 def linear_methods(group, log_decay):
-    return {
+    methods = {
         "LASP-2": lambda q, k, v: lasp2_attention(q, k, v, group=group, log_decay=log_decay),
         "Scan": lambda q, k, v: scan_attention(q, k, v, group=group, log_decay=log_decay, check_documents=False),
         "LASP-1": lambda q, k, v: lasp1_attention(q, k, v, group=group, log_decay=log_decay, check_documents=False),
-        "Ulysses": lambda q, k, v: ulysses_linear_attention(q, k, v, group=group, log_decay=log_decay),
     }
+    if H % comm.group_size(group) == 0:  # Ulysses splits the heads over the ranks
+        methods["Ulysses"] = lambda q, k, v: ulysses_linear_attention(q, k, v, group=group, log_decay=log_decay)
+    return methods
 
 
 def delta_methods(group, beta, log_decay):
@@ -60,10 +62,10 @@ def delta_methods(group, beta, log_decay):
 
 
 def softmax_methods(group):
-    return {
-        "LASP-2H": lambda q, k, v: allgather_attention(q, k, v, group=group),
-        "Ulysses": lambda q, k, v: ulysses_attention(q, k, v, group=group),
-    }
+    methods = {"LASP-2H": lambda q, k, v: allgather_attention(q, k, v, group=group)}
+    if H % comm.group_size(group) == 0:
+        methods["Ulysses"] = lambda q, k, v: ulysses_attention(q, k, v, group=group)
+    return methods
 
 
 def _one_repeat(ctx, fn, q, k, v, do) -> tuple[float, dict]:
@@ -130,9 +132,10 @@ def _worker(rank: int, world_size: int, store: str, job: tuple, queue) -> None:
     ctx = ParallelContext.initialize(backend="gloo", device="cpu", init_method=f"file://{store}")
     rows = []
     for kind, total_len in plan:
-        rows += _measure(ctx, kind, total_len, repeats)
+        measured = _measure(ctx, kind, total_len, repeats)
+        rows += measured
         if rank == 0:
-            for row in rows[-{"linear": 4, "delta": 3, "softmax": 2}[kind] :]:  # this configuration's methods
+            for row in measured:
                 print(
                     f"W={world_size} {kind:>7} T={total_len:>6} {row['method']:>8}: "
                     f"{row['median_s'] * 1e3:9.1f} ms  {row['bytes_sent_max_rank'] / 2**20:8.3f} MiB sent (max rank)",
