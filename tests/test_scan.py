@@ -118,3 +118,19 @@ def _run_scan_with_rank_dependent_documents(ctx):
     except ValueError as exc:
         return str(exc)
     return None
+
+
+@pytest.mark.slow
+def test_seven_gloo_ranks_scan_and_allgather_match_reference_fp32():
+    """W = 7 (not a power of two, longer chains) for both layer types, documents anywhere."""
+    W, T = 7, 3
+    results = run_on_ranks(W, run_linear_rank, "scan", T, "token", "mixed", True, seed=4)
+    q, k, v, a, cu, do = make_inputs(W, T, "token", "mixed", dtype=torch.float32, seed=4)
+    want = reference(q, k, v, a, cu, do, True)
+    for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], gather_full(results, a), want):
+        assert rel_err(x.double(), y) <= FP32_TOL, f"{name}: {rel_err(x.double(), y):.2e}"
+    q, k, v, beta, a, cu, do = make_delta_inputs(W, T, "token", "mixed", dtype=torch.float32, seed=4)
+    want = delta_cases.delta_reference(q, k, v, beta, a, cu, do)
+    for op in ("scan", "lasp2"):
+        results = run_on_ranks(W, run_delta_sp_rank, op, T, "token", "mixed", seed=4)
+        assert_matches(gather_grads([r for r, _ in results], a), want, FP32_TOL)
