@@ -7,6 +7,8 @@ state-passing schemes to 64-256 ranks over NVLink and InfiniBand (a model, not a
     python benchmarks/sp_ops.py [--quick] [--world-sizes 2 4] [--out-dir DIR]
     seqmoe bench sp [--quick]
 
+Every method runs through its ``*_in_context`` entry with one SPContext per configuration, as
+the runtime calls it per micro-batch (no per-call validation or agreement collective).
 Each configuration runs every method in the same processes, interleaved repeat by repeat, so
 that they share the machine's conditions. A repeat's time is the slowest rank's (the step ends
 when the last rank does). Writes sp_ops.json and sp_ops.png under benchmarks/results/.
@@ -29,42 +31,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
-from parallel.lasp2 import lasp2_attention  # noqa: E402
-from parallel.lasp2_delta import lasp2_delta_rule_attention  # noqa: E402
-from parallel.ring import lasp1_attention  # noqa: E402
-from parallel.scan import scan_attention, scan_delta_rule_attention  # noqa: E402
-from parallel.softmax_sp import allgather_attention  # noqa: E402
-from parallel.ulysses import ulysses_attention, ulysses_linear_attention  # noqa: E402
+from parallel.lasp2 import lasp2_attention_in_context  # noqa: E402
+from parallel.lasp2_delta import lasp2_delta_rule_attention_in_context  # noqa: E402
+from parallel.ring import lasp1_attention_in_context  # noqa: E402
+from parallel.scan import scan_attention_in_context, scan_delta_rule_attention_in_context  # noqa: E402
+from parallel.softmax_sp import allgather_attention_in_context  # noqa: E402
+from parallel.sp_context import SPContext  # noqa: E402
+from parallel.ulysses import ulysses_attention_in_context, ulysses_linear_attention_in_context  # noqa: E402
 
 H, D = 4, 64
 
 
-def linear_methods(group, log_decay):
+def linear_methods(sp, log_decay):
+    """The runtime's entries (one SPContext per configuration, as per micro-batch in training):
+    no per-call validation or agreement collective, only each method's own exchange."""
     methods = {
-        "LASP-2": lambda q, k, v: lasp2_attention(q, k, v, group=group, log_decay=log_decay),
-        "Scan": lambda q, k, v: scan_attention(q, k, v, group=group, log_decay=log_decay, check_documents=False),
-        "LASP-1": lambda q, k, v: lasp1_attention(q, k, v, group=group, log_decay=log_decay, check_documents=False),
+        "LASP-2": lambda q, k, v: lasp2_attention_in_context(q, k, v, sp, log_decay=log_decay),
+        "Scan": lambda q, k, v: scan_attention_in_context(q, k, v, sp, log_decay=log_decay),
+        "LASP-1": lambda q, k, v: lasp1_attention_in_context(q, k, v, sp, log_decay=log_decay),
     }
-    if H % comm.group_size(group) == 0:  # Ulysses splits the heads over the ranks
-        methods["Ulysses"] = lambda q, k, v: ulysses_linear_attention(q, k, v, group=group, log_decay=log_decay)
+    if H % sp.num_ranks == 0:  # Ulysses splits the heads over the ranks
+        methods["Ulysses"] = lambda q, k, v: ulysses_linear_attention_in_context(q, k, v, sp, log_decay=log_decay)
     return methods
 
 
-def delta_methods(group, beta, log_decay):
+def delta_methods(sp, beta, log_decay):
     """Gated delta rule: all-gather of (state, transition) vs the scan in 4 head pieces vs the
     same chain unpipelined (one piece: the LASP-1 ring)."""
-    kw = {"group": group, "log_decay": log_decay}
     return {
-        "LASP-2": lambda q, k, v: lasp2_delta_rule_attention(q, k, v, beta, **kw),
-        "Scan": lambda q, k, v: scan_delta_rule_attention(q, k, v, beta, pieces=4, check_documents=False, **kw),
-        "LASP-1": lambda q, k, v: scan_delta_rule_attention(q, k, v, beta, pieces=1, check_documents=False, **kw),
+        "LASP-2": lambda q, k, v: lasp2_delta_rule_attention_in_context(q, k, v, beta, sp, log_decay=log_decay),
+        "Scan": lambda q, k, v: scan_delta_rule_attention_in_context(q, k, v, beta, sp, log_decay=log_decay, pieces=4),
+        "LASP-1": lambda q, k, v: scan_delta_rule_attention_in_context(
+            q, k, v, beta, sp, log_decay=log_decay, pieces=1
+        ),
     }
 
 
-def softmax_methods(group):
-    methods = {"LASP-2H": lambda q, k, v: allgather_attention(q, k, v, group=group)}
-    if H % comm.group_size(group) == 0:
-        methods["Ulysses"] = lambda q, k, v: ulysses_attention(q, k, v, group=group)
+def softmax_methods(sp):
+    methods = {"LASP-2H": lambda q, k, v: allgather_attention_in_context(q, k, v, sp)}
+    if H % sp.num_ranks == 0:
+        methods["Ulysses"] = lambda q, k, v: ulysses_attention_in_context(q, k, v, sp)
     return methods
 
 
@@ -88,13 +94,14 @@ def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
     v = torch.randn(1, T, H, D, generator=g)
     do = torch.randn(1, T, H, D, generator=g)
     log_decay = -torch.linspace(0.001, 0.05, H)
+    sp = SPContext.build(ctx.world, local_len=T)
     if kind == "linear":
-        methods = linear_methods(ctx.world, log_decay)
+        methods = linear_methods(sp, log_decay)
     elif kind == "delta":
         k = torch.nn.functional.normalize(k, dim=-1)  # as the model does: the transitions contract
-        methods = delta_methods(ctx.world, torch.rand(1, T, H, generator=g), log_decay)
+        methods = delta_methods(sp, torch.rand(1, T, H, generator=g), log_decay)
     else:
-        methods = softmax_methods(ctx.world)
+        methods = softmax_methods(sp)
     times = {name: [] for name in methods}
     volumes: dict[str, dict] = {}
     for fn in methods.values():  # warm-up, also of gloo's connections

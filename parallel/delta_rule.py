@@ -207,13 +207,18 @@ def chunk_delta_rule(
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    check: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked gated delta rule, differentiable in every input (q, k, v, beta, log_decay,
     initial_state). Returns ``(o in q's dtype, final_state [B, H, K, V] in the compute dtype or None)``.
 
     ``backend``: ``"torch"`` (this file's kernel), ``"fla"`` (fla's Triton kernel, CUDA) or
-    ``"auto"`` (fla for bf16/fp16 CUDA inputs when installed, else torch)."""
-    validate_delta_rule_inputs(q, k, v, beta, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state)
+    ``"auto"`` (fla for bf16/fp16 CUDA inputs when installed, else torch). ``check=False`` skips
+    the input checks (and their host reads), for callers whose inputs are already checked."""
+    if check:
+        validate_delta_rule_inputs(
+            q, k, v, beta, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state
+        )
     if _use_fla(backend, q):
         return _fla_delta_rule(q, k, v, beta, log_decay, cu_seqlens, initial_state, output_final_state)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

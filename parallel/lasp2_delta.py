@@ -20,8 +20,9 @@ strictly inside rank u) from the global cu_seqlens:
             dL/dE_t = c_{t+1} H(t+1),   dL/dP_t = c_{t+1} s_t H(t+1) S(t)^T
   and autograd through the rank's kernel graph turns these into dq, dk, dv, dbeta, dlog_decay.
 
-Communication per rank and layer: forward (W-1) * B*H*K*(V+K) elements (+ an 8-byte
-fingerprint of cu_seqlens), backward (W-1) * B*H*K*V, each way. Independent of T.
+Communication per rank and layer: forward (W-1) * B*H*K*(V+K) elements, backward
+(W-1) * B*H*K*V, each way. Independent of T. The public wrapper adds one agreement all-gather
+(12 int64 per rank); the runtime's entry (``*_in_context``, an SPContext per micro-batch) does not.
 
 The backward collective is an all-gather of dM (the autograd dual, a reduce-scatter of the
 gradients of every gathered (E, P), would move K*(V+K) per rank instead of K*V).
@@ -43,20 +44,37 @@ from parallel.delta_rule import (
     chunk_delta_rule,
     validate_delta_rule_inputs,
 )
-from parallel.lasp2 import RankSpans, grads_through, rank_spans
+from parallel.lasp2 import grads_through
 from parallel.linear_attention import compute_dtype, decay_BTH
+from parallel.sp_context import RankSpans, SPContext, check_shards_agree, validate_packed_cu_seqlens
 
-__all__ = ["delta_shard_spans", "lasp2_delta_rule_attention"]
+__all__ = ["lasp2_delta_rule_attention", "lasp2_delta_rule_attention_in_context", "validated_delta_context"]
 
 
-def delta_shard_spans(q, k, v, beta, *, group: Group, log_decay, cu_seqlens) -> RankSpans:
-    """Validate this rank's shard (before any collective) and derive its spans."""
-    validate_delta_rule_inputs(q, k, v, beta, log_decay=log_decay, cu_seqlens=None)
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
-    return rank_spans(
-        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
+def validated_delta_context(op: str, q, k, v, beta, *, group: Group, log_decay, cu_seqlens) -> SPContext:
+    """The public wrappers' checks (LASP-2 and the scan): this rank's shard (host reads of
+    cu_seqlens, the decay's and beta's range), then one agreement all-gather (12 int64 per rank)
+    so that every rank raises the same ValueError before any state travels."""
+    size = comm.group_size(group)
+    problem, bounds = None, None
+    try:
+        validate_delta_rule_inputs(q, k, v, beta, log_decay=log_decay, cu_seqlens=None)
+        bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q.shape[0], total_tokens=size * q.shape[1])
+    except ValueError as exc:
+        problem = f"{op}: {exc}"
+    kind = 0 if problem is not None or log_decay is None else log_decay.dim()
+    check_shards_agree(
+        op, q, k, v, causal=True, bounds=bounds, extra=("log_decay kind", kind), problem=problem, group=group
     )
+    return SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
+
+
+def local_delta_rule(q, k, v, beta, log_decay, spans: RankSpans, chunk_size: int) -> Tensor:
+    """The delta rule among this rank's own tokens (all of it when the group has one rank)."""
+    o, _ = chunk_delta_rule(
+        q, k, v, beta, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size, check=False
+    )
+    return o
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,30 +139,18 @@ def transition_input_grads(S_in: Tensor, H_next: Tensor, spans: RankSpans) -> tu
 
 
 # --------------------------------------------------------------------------------------------
-# Payload of the forward all-gather: [E, P, fingerprint], flat.
+# Payload of the forward all-gather: [E, P], flat.
 # --------------------------------------------------------------------------------------------
 
 
-def _fingerprint(spans: RankSpans, dtype: torch.dtype, device) -> Tensor:
-    # an int64 reinterpreted as float bits: the all-gather copies bytes, so it arrives intact
-    return torch.tensor([spans.fingerprint], dtype=torch.int64, device=device).view(dtype)
+def pack(E: Tensor, P: Tensor) -> Tensor:
+    return torch.cat([E.reshape(-1), P.reshape(-1)])
 
 
-def pack(E: Tensor, P: Tensor, spans: RankSpans) -> Tensor:
-    return torch.cat([E.reshape(-1), P.reshape(-1), _fingerprint(spans, E.dtype, E.device)])
-
-
-def unpack(payload_W: Tensor, E: Tensor, P: Tensor, spans: RankSpans, what: str = "LASP-2") -> tuple[Tensor, Tensor]:
-    """(E_W, P_W) from the gathered payloads, after checking that every rank got the same documents."""
-    W, nE, nP = payload_W.shape[0], E.numel(), P.numel()
-    width = _fingerprint(spans, E.dtype, E.device).numel()
-    prints = payload_W[:, -width:].contiguous().view(torch.int64).reshape(W).tolist()
-    if len(set(prints)) != 1:
-        raise ValueError(
-            f"{what} delta rule: ranks of one SP group were given different cu_seqlens (or local lengths): the "
-            "packed sequence's document boundaries must be identical on every rank of the group"
-        )
-    return payload_W[:, :nE].reshape(W, *E.shape), payload_W[:, nE : nE + nP].reshape(W, *P.shape)
+def unpack(payload_W: Tensor, E: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+    """(E_W, P_W) from the gathered payloads."""
+    W, nE = payload_W.shape[0], E.numel()
+    return payload_W[:, :nE].reshape(W, *E.shape), payload_W[:, nE:].reshape(W, *P.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +166,7 @@ def forward_pre(leaves, spans: RankSpans, chunk_size: int):
     """This rank's payload for the forward gather, and its local graph (E, P, prepared)."""
     with torch.enable_grad():
         E, P, prepared = local_prepare(leaves, spans, chunk_size)
-    return pack(E.detach(), P.detach(), spans), (E, P, prepared)
+    return pack(E.detach(), P.detach()), (E, P, prepared)
 
 
 def forward_intra(leaves, local) -> tuple[Tensor, Tensor]:
@@ -172,7 +178,7 @@ def forward_intra(leaves, local) -> tuple[Tensor, Tensor]:
 def forward_post(leaves, intra, payload_W, local, spans: RankSpans):
     """o_t (with its local graph) and what backward needs (S(t), P_W)."""
     E, P, _ = local
-    E_W, P_W = unpack(payload_W, E.detach(), P.detach(), spans)
+    E_W, P_W = unpack(payload_W, E.detach(), P.detach())
     S_in = scan_transitions(E_W, P_W, spans)
     o0, q_eff = intra
     with torch.enable_grad():
@@ -221,6 +227,23 @@ class _Lasp2DeltaFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def lasp2_delta_rule_attention_in_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    sp: SPContext,
+    *,
+    log_decay: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """:func:`lasp2_delta_rule_attention` over the micro-batch's context ``sp``; validates nothing
+    and reads nothing back from the device: one all-gather forward, one backward."""
+    if sp.num_ranks == 1:
+        return local_delta_rule(q, k, v, beta, log_decay, sp.spans, chunk_size)
+    return _Lasp2DeltaFunction.apply(q, k, v, beta, log_decay, sp.group, sp.spans, chunk_size)
+
+
 def lasp2_delta_rule_attention(
     q: Tensor,
     k: Tensor,
@@ -243,11 +266,10 @@ def lasp2_delta_rule_attention(
             on every rank (B must be 1).
 
     Returns ``[B, T, H, V]``, this rank's shard of ``delta_rule_attention`` of the whole sequence.
+    Validates its inputs (host reads) and checks that the ranks agree (one all-gather of 12
+    int64), then runs :func:`lasp2_delta_rule_attention_in_context`.
     """
-    spans = delta_shard_spans(q, k, v, beta, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
-    if spans.num_ranks == 1:
-        o, _ = chunk_delta_rule(
-            q, k, v, beta, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
-        )
-        return o
-    return _Lasp2DeltaFunction.apply(q, k, v, beta, log_decay, group, spans, chunk_size)
+    sp = validated_delta_context(
+        "lasp2_delta_rule_attention", q, k, v, beta, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens
+    )
+    return lasp2_delta_rule_attention_in_context(q, k, v, beta, sp, log_decay=log_decay, chunk_size=chunk_size)

@@ -12,6 +12,8 @@ so rank t+1 works on piece i while rank t sends piece i+1: the chain's latency i
 (W-1) piece hops + one full state instead of (W-1) full states, and the first rank sends before
 its own intra work. Volume per rank and layer (elements each way): one state of B*H*dk*dv in
 forward and one in backward, independent of W and T (the delta rule sends no transition).
+The public wrappers add the agreement all-gather of parallel/sp_context.py (12 int64 per rank);
+the ``*_in_context`` entries (the runtime's, one SPContext per micro-batch) do not.
 
 Combines (pieces are head slices; c, s as in parallel/lasp2.py):
   linear attention: S(t+1) = c_{t+1} (E_t + s_t Gamma_t S(t));   H(t) = dM_t + c_{t+1} s_t Gamma_t H(t+1)
@@ -26,9 +28,8 @@ from torch import Tensor
 
 from parallel import comm, lasp2_delta
 from parallel.comm import Group
-from parallel.delta_rule import DEFAULT_CHUNK_SIZE, chunk_delta_rule
+from parallel.delta_rule import DEFAULT_CHUNK_SIZE, validate_delta_rule_inputs
 from parallel.lasp2 import (
-    RankSpans,
     forward_intra,
     forward_pre,
     grads_through,
@@ -36,12 +37,20 @@ from parallel.lasp2 import (
     leaf_inputs,
     local_attention,
     output_state_grads,
-    shard_spans,
     state_input_grads,
     sum_grads,
+    validated_linear_context,
 )
+from parallel.linear_attention import validate_linear_attention_inputs
+from parallel.sp_context import RankSpans, SPContext, validate_packed_cu_seqlens
 
-__all__ = ["pipelined_chain", "scan_attention", "scan_delta_rule_attention"]
+__all__ = [
+    "pipelined_chain",
+    "scan_attention",
+    "scan_attention_in_context",
+    "scan_delta_rule_attention",
+    "scan_delta_rule_attention_in_context",
+]
 
 DEFAULT_PIECES = 4
 
@@ -85,16 +94,12 @@ def pipelined_chain(like: Tensor, combine, *, group: Group, spans: RankSpans, ri
     return torch.cat(received, dim=1), result
 
 
-def _check_same_documents(spans: RankSpans, group: Group, device) -> None:
-    """One 8-byte all-gather: every rank must hold the same cu_seqlens (a chain cannot check it
-    without leaving the ranks after a mismatch waiting)."""
-    fingerprint = torch.tensor([spans.fingerprint], dtype=torch.int64, device=device)
-    prints_W, _ = comm.dist_all_gather(fingerprint, group=group)
-    if len(set(prints_W.reshape(-1).tolist())) != 1:
-        raise ValueError(
-            "scan: ranks of one SP group were given different cu_seqlens (or local lengths): the "
-            "packed sequence's document boundaries must be identical on every rank of the group"
-        )
+def _unchecked_context(q, validate, *, group: Group, cu_seqlens) -> SPContext:
+    """This rank's checks only (``check_documents=False``: no agreement all-gather)."""
+    validate()
+    total = comm.group_size(group) * q.shape[1]
+    bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q.shape[0], total_tokens=total)
+    return SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +178,24 @@ class _ScanFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def scan_attention_in_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sp: SPContext,
+    *,
+    causal: bool = True,
+    log_decay: Tensor | None = None,
+    chunk_size: int = 64,
+    pieces: int = DEFAULT_PIECES,
+) -> Tensor:
+    """:func:`scan_attention` over the micro-batch's context ``sp``; validates nothing and reads
+    nothing back from the device."""
+    if sp.num_ranks == 1:
+        return local_attention(q, k, v, log_decay, sp.spans, causal, chunk_size)
+    return _ScanFunction.apply(q, k, v, log_decay, sp.group, sp.spans, causal, chunk_size, pieces)
+
+
 def scan_attention(
     q: Tensor,
     k: Tensor,
@@ -189,13 +212,21 @@ def scan_attention(
     """Linear attention over ``group`` with the pipelined scan; same contract as ``lasp2_attention``.
 
     ``pieces``: how many head pieces the state travels in. ``check_documents=False`` skips the
-    8-byte all-gather that checks that cu_seqlens agree across ranks."""
-    spans = shard_spans(q, k, v, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
-    if spans.num_ranks == 1:
-        return local_attention(q, k, v, log_decay, spans, causal, chunk_size)
-    if check_documents and cu_seqlens is not None:
-        _check_same_documents(spans, group, q.device)
-    return _ScanFunction.apply(q, k, v, log_decay, group, spans, causal, chunk_size, pieces)
+    agreement all-gather (12 int64 per rank) that makes every rank raise the same ValueError when
+    the ranks' shapes or cu_seqlens differ."""
+    if check_documents:
+        sp = validated_linear_context(
+            "scan_attention", q, k, v, group=group, causal=causal, log_decay=log_decay, cu_seqlens=cu_seqlens
+        )
+    else:
+
+        def validate():
+            validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
+
+        sp = _unchecked_context(q, validate, group=group, cu_seqlens=cu_seqlens)
+    return scan_attention_in_context(
+        q, k, v, sp, causal=causal, log_decay=log_decay, chunk_size=chunk_size, pieces=pieces
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +297,24 @@ class _ScanDeltaFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def scan_delta_rule_attention_in_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    sp: SPContext,
+    *,
+    log_decay: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    pieces: int = DEFAULT_PIECES,
+) -> Tensor:
+    """:func:`scan_delta_rule_attention` over the micro-batch's context ``sp``; validates nothing
+    and reads nothing back from the device."""
+    if sp.num_ranks == 1:
+        return lasp2_delta.local_delta_rule(q, k, v, beta, log_decay, sp.spans, chunk_size)
+    return _ScanDeltaFunction.apply(q, k, v, beta, log_decay, sp.group, sp.spans, chunk_size, pieces)
+
+
 def scan_delta_rule_attention(
     q: Tensor,
     k: Tensor,
@@ -280,13 +329,17 @@ def scan_delta_rule_attention(
     check_documents: bool = True,
 ) -> Tensor:
     """The gated delta rule over ``group`` with the pipelined scan; same contract as
-    ``lasp2_delta_rule_attention``."""
-    spans = lasp2_delta.delta_shard_spans(q, k, v, beta, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
-    if spans.num_ranks == 1:
-        o, _ = chunk_delta_rule(
-            q, k, v, beta, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+    ``lasp2_delta_rule_attention`` (``check_documents`` as for :func:`scan_attention`)."""
+    if check_documents:
+        sp = lasp2_delta.validated_delta_context(
+            "scan_delta_rule_attention", q, k, v, beta, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens
         )
-        return o
-    if check_documents and cu_seqlens is not None:
-        _check_same_documents(spans, group, q.device)
-    return _ScanDeltaFunction.apply(q, k, v, beta, log_decay, group, spans, chunk_size, pieces)
+    else:
+
+        def validate():
+            validate_delta_rule_inputs(q, k, v, beta, log_decay=log_decay, cu_seqlens=None)
+
+        sp = _unchecked_context(q, validate, group=group, cu_seqlens=cu_seqlens)
+    return scan_delta_rule_attention_in_context(
+        q, k, v, beta, sp, log_decay=log_decay, chunk_size=chunk_size, pieces=pieces
+    )

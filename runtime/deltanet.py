@@ -28,24 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallel import comm
-from parallel.lasp2_delta import lasp2_delta_rule_attention
-from parallel.scan import scan_delta_rule_attention
+from parallel.lasp2_delta import lasp2_delta_rule_attention_in_context
+from parallel.scan import scan_delta_rule_attention_in_context
+from parallel.sp_context import SPContext
 
 if TYPE_CHECKING:
     from runtime.config import ModelConfig, ParallelConfig
 
-__all__ = ["GatedDeltaNet", "conv_left_context", "document_positions"]
+__all__ = ["GatedDeltaNet", "causal_conv", "conv_left_context"]
 
 CONV_KERNEL = 4
-
-
-def document_positions(cu_seqlens: Tensor | None, offset: int, T: int, device) -> Tensor:
-    """[T] position of each local token inside its own document (0 at a document start)."""
-    global_T = torch.arange(offset, offset + T, device=device)
-    if cu_seqlens is None:
-        return global_T
-    starts = cu_seqlens[:-1].to(device)
-    return global_T - starts[torch.bucketize(global_T, starts, right=True) - 1]
 
 
 def conv_left_context(x_BTC: Tensor, width: int, group: comm.Group) -> Tensor:
@@ -108,23 +100,23 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + self.dt_bias.float())
         return beta, g
 
-    def forward(self, x_BTD: Tensor, batch) -> Tensor:
+    def forward(self, x_BTD: Tensor, sp: SPContext) -> Tensor:
         B, T, D = x_BTD.shape
         H, K = self.H, self.K
-        pos_T = document_positions(batch.cu_seqlens, batch.offset, T, x_BTD.device)
         qkv = self.qkv(x_BTD)
-        halo = conv_left_context(qkv, CONV_KERNEL - 1, batch.group)
-        qkv = F.silu(causal_conv(qkv, halo, self.conv.to(qkv.dtype), pos_T))
+        halo = conv_left_context(qkv, CONV_KERNEL - 1, sp.group)
+        qkv = F.silu(causal_conv(qkv, halo, self.conv.to(qkv.dtype), sp.positions_T))
         q, k, v = qkv.view(B, T, 3, H, K).unbind(2)
         q = F.normalize(q.float(), dim=-1).to(q.dtype) / math.sqrt(K)
         k = F.normalize(k.float(), dim=-1).to(k.dtype)
         beta, g = self.gates(x_BTD)
-        kwargs = {"group": batch.group, "log_decay": g.to(q.dtype), "cu_seqlens": batch.cu_seqlens}
         if self.method == "lasp2":
-            o = lasp2_delta_rule_attention(q, k, v, beta.to(q.dtype), **kwargs)
+            o = lasp2_delta_rule_attention_in_context(q, k, v, beta.to(q.dtype), sp, log_decay=g.to(q.dtype))
         else:
             pieces = 1 if self.method == "lasp1" else 4
-            o = scan_delta_rule_attention(q, k, v, beta.to(q.dtype), pieces=pieces, **kwargs)
+            o = scan_delta_rule_attention_in_context(
+                q, k, v, beta.to(q.dtype), sp, log_decay=g.to(q.dtype), pieces=pieces
+            )
         o32 = o.float()
         o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight.float()
         gate = F.silu(self.gate_proj(x_BTD)).view(B, T, H, K)

@@ -50,12 +50,12 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
         ("softmax", "Ulysses"),
     }
     lasp2 = next(r for r in result["rows"] if r["method"] == "LASP-2")
-    # B=1, H=4, d=64 fp32 state; forward (+8-byte fingerprint) and backward, one peer
-    assert lasp2["bytes_sent_max_rank"] == (4 * 64 * 64 + 2) * 4 + 4 * 64 * 64 * 4
+    # B=1, H=4, d=64 fp32 state; forward and backward, one peer (the runtime's in-context entry)
+    assert lasp2["bytes_sent_max_rank"] == 4 * 64 * 64 * 4 + 4 * 64 * 64 * 4
     assert "W=2,T=256" in result["summary"]["lasp1_over_lasp2_time"]
     delta = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "LASP-2")
     # the delta rule gathers state and transition (4 x 64 x (64 + 64)) forward, dM backward
-    assert delta["bytes_sent_max_rank"] == (4 * 64 * 128 + 2) * 4 + 4 * 64 * 64 * 4
+    assert delta["bytes_sent_max_rank"] == 4 * 64 * 128 * 4 + 4 * 64 * 64 * 4
     scan = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "Scan")
     assert scan["bytes_sent_max_rank"] == 4 * 64 * 64 * 4  # one state, forward or backward, per end rank
 

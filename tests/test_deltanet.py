@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from parallel import comm
+from parallel.sp_context import SPContext, positions_in_documents
 from runtime.config import ConfigError, ModelConfig, ParallelConfig
-from runtime.deltanet import CONV_KERNEL, causal_conv, conv_left_context, document_positions
-from runtime.model import SPBatch, build_model
+from runtime.deltanet import CONV_KERNEL, causal_conv, conv_left_context
+from runtime.model import build_model
 from tests.distributed import run_on_ranks
 from tests.sp_sim import rel_err
 
@@ -51,7 +52,9 @@ def _run_sharded(ctx, pattern, linear_sp, total, bounds):
     W, r = ctx.world_size, ctx.rank
     T = total // W
     local = slice(r * T, (r + 1) * T)
-    return loss_and_grads(model, tokens[:, local], targets[:, local], SPBatch(ctx.world, cu, r * T))
+    return loss_and_grads(
+        model, tokens[:, local], targets[:, local], SPContext.build(ctx.world, local_len=T, bounds=bounds)
+    )
 
 
 CASES = [
@@ -68,7 +71,7 @@ CASES = [
 def test_sharded_gdn_model_equals_single_device(W, total, bounds, linear_sp):
     pattern = "GLS"
     model, tokens, targets, cu = _setup(pattern, linear_sp, total, bounds)
-    ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPBatch.single(cu))
+    ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPContext.single(total, bounds))
     results = run_on_ranks(W, _run_sharded, pattern, linear_sp, total, bounds)
     logits = torch.cat([res[0] for res in results], dim=1)
     assert rel_err(logits, ref_logits) <= FP32_TOL
@@ -94,7 +97,7 @@ def _run_conv(ctx, x, weight, bounds, dy):
     w = weight.clone().requires_grad_()
     with comm.CommMeter() as meter:
         halo = conv_left_context(x_r, CONV_KERNEL - 1, ctx.world)
-        pos = document_positions(torch.tensor(bounds), r * T, T, x.device)
+        pos = positions_in_documents(bounds, r * T, T)
         y = causal_conv(x_r, halo, w, pos)
         y.backward(dy[:, r * T : (r + 1) * T])
     return y.detach(), x_r.grad, w.grad, meter.summary()
@@ -139,11 +142,48 @@ def test_cost_model_volumes_cover_g_layers():
     """seqmoe profile's communication terms: per peer, LASP-2 moves 3 states per G layer (state
     and transition forward, dM backward), L layers 2; the scan's hop is 1/pieces of that."""
     from parallel.scan import DEFAULT_PIECES
-    from planner.profile import comm_volumes
     from runtime.config import load_config
+    from runtime.profile import comm_volumes
 
     state = 4 * 32 * 32 * 4  # 4 heads of 32 x 32, fp32
     for linear_sp, g_states, scale in (("lasp2", 3, 1), ("lasp1", 2, 1), ("scan", 2, DEFAULT_PIECES)):
         config = load_config("configs/tiny-gdn-cpu.toml", ["--model.ffn=dense", f"--parallel.linear_sp={linear_sp}"])
         _, _, per_group = comm_volumes(config, elem_bytes=4)
         assert per_group == 3 * g_states * state / scale  # GGGS: three G layers
+
+
+def _count_gdn_step(ctx, num_layers: int):
+    """Host reads and collective calls of one training step of a dense GGGS model at SP=2."""
+    from planner.plan import Group, MicroBatch, StepPlan
+    from tests.test_host_syncs import count_host_reads, training_step
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        layer_pattern="GGGS", num_layers=num_layers, d_model=32, num_heads=4, num_kv_heads=2, ffn_hidden=48, ffn="dense"
+    )
+    model = build_model(config, ParallelConfig(linear_sp="lasp2", softmax_sp="allgather"))
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 256, (n,), generator=g) for n in (9, 14, 5, 11)]
+    ranks = tuple(range(ctx.world_size))
+    micro = [MicroBatch(groups=[Group(ranks, [0, 1])]), MicroBatch(groups=[Group(ranks, [2, 3])])]
+    plan = StepPlan(micro, num_ranks=ctx.world_size, predicted_time_s=0.0, solver="static", solve_time_s=0.0)
+    training_step(model, ctx, plan, sequences)  # warm-up
+    model.zero_grad()
+    with comm.CommMeter() as meter, count_host_reads() as reads:
+        training_step(model, ctx, plan, sequences)
+    return sum(reads.values()), meter.calls
+
+
+def test_gdn_layers_read_nothing_back_and_add_fixed_collectives():
+    """DESIGN invariant 8 for G layers: host reads per step do not grow with depth; each extra G
+    layer adds, per micro-batch, its state all-gather forward and dM all-gather backward, plus
+    the convolution halo's shift forward and its gradient's shift back (P2P)."""
+    counts = {n: run_on_ranks(2, _count_gdn_step, n) for n in (4, 8)}
+    for rank in range(2):
+        (reads4, calls4), (reads8, calls8) = counts[4][rank], counts[8][rank]
+        assert reads8 == reads4, (reads4, reads8)
+        # 8 - 4 layers of GGGS = 3 more G layers and 1 more S layer; 2 micro-batches
+        assert calls8["all_gather"] - calls4["all_gather"] == 2 * (3 * 2 + 1)
+        # SP=2: rank 0 sends the halo and receives its gradient, rank 1 the reverse
+        assert calls8["send"] - calls4["send"] == 3 * 2
+        assert calls8["recv"] - calls4["recv"] == 3 * 2

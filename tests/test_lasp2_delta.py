@@ -75,17 +75,34 @@ def test_simulated_ranks_match_reference_fp64(W, T, docs, decay):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_delta_sp_rank(ctx, op_name: str, T: int, decay: str, docs: str, seed: int, chunk_size: int = 4):
-    """On one gloo rank: its shard through the named delta-rule SP op, forward and backward.
-    Returns ([o, dq, dk, dv, dbeta, dlog_decay], CommMeter summary)."""
-    from parallel.scan import scan_delta_rule_attention
+def run_delta_sp_rank(
+    ctx, op_name: str, T: int, decay: str, docs: str, seed: int, chunk_size: int = 4, in_context: bool = False
+):
+    """On one gloo rank: its shard through the named delta-rule SP op, forward and backward, by
+    the public function or (``in_context``) by the op's SPContext entry, as the runtime calls it
+    (the context built before the meter starts). Returns ([o, dq, dk, dv, dbeta, dlog_decay],
+    CommMeter summary)."""
+    from parallel.lasp2_delta import lasp2_delta_rule_attention_in_context
+    from parallel.scan import scan_delta_rule_attention, scan_delta_rule_attention_in_context
+    from parallel.sp_context import SPContext
 
-    op = {"lasp2": lasp2_delta_rule_attention, "scan": scan_delta_rule_attention}[op_name]
     W, r = ctx.world_size, ctx.rank
     q, k, v, beta, a, cu, do = make_delta_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
     leaves = shard_leaves((q, k, v, beta, a), W, r)
+    if in_context:
+        sp = SPContext.from_cu_seqlens(ctx.world, cu, local_len=T)
+        entry = {"lasp2": lasp2_delta_rule_attention_in_context, "scan": scan_delta_rule_attention_in_context}[op_name]
+
+        def op(*x, log_decay):
+            return entry(*x, sp, log_decay=log_decay, chunk_size=chunk_size)
+    else:
+        public = {"lasp2": lasp2_delta_rule_attention, "scan": scan_delta_rule_attention}[op_name]
+
+        def op(*x, log_decay):
+            return public(*x, group=ctx.world, log_decay=log_decay, cu_seqlens=cu, chunk_size=chunk_size)
+
     with comm.CommMeter() as meter:
-        o = op(*leaves[:4], group=ctx.world, log_decay=leaves[4], cu_seqlens=cu, chunk_size=chunk_size)
+        o = op(*leaves[:4], log_decay=leaves[4])
         o.backward(shard(do, W, r))
     return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
 
@@ -104,24 +121,31 @@ def test_gloo_ranks_match_reference_fp32(W, decay, docs):
 
 
 def lasp2_delta_bytes(W: int, B: int) -> int:
-    """All-gather bytes sent (= received) per rank, forward + backward, fp32: (E, P) and an
-    8-byte fingerprint forward, dM backward."""
-    forward = B * H * DK * (DV + DK) + 2
+    """All-gather bytes sent (= received) per rank, forward + backward, fp32: (E, P) forward,
+    dM backward."""
+    forward = B * H * DK * (DV + DK)
     backward = B * H * DK * DV
     return (W - 1) * (forward + backward) * 4
 
 
+# the public function's agreement check gathers 12 int64 per rank (flag + 11 fingerprint fields)
+AGREEMENT_BYTES = 12 * 8
+
+
 @pytest.mark.parametrize("decay,docs", [("none", "none"), ("token", "mixed")])
 def test_bytes_are_analytic_and_independent_of_length(decay, docs):
+    """In context (the runtime's path): one all-gather forward, one backward; the public function
+    adds its agreement all-gather."""
     W = 3
+    B = 1 if docs != "none" else 2
     for T in (4, 32):
-        results = run_on_ranks(W, run_delta_sp_rank, "lasp2", T, decay, docs, seed=2)
-        B = 1 if docs != "none" else 2
-        for _, summary in results:
-            assert set(summary) == {"all_gather"}
-            counts = summary["all_gather"]
-            assert counts["calls"] == 2
-            assert counts["bytes_sent"] == counts["bytes_received"] == lasp2_delta_bytes(W, B)
+        for in_context, calls, extra in ((True, 2, 0), (False, 3, (W - 1) * AGREEMENT_BYTES)):
+            results = run_on_ranks(W, run_delta_sp_rank, "lasp2", T, decay, docs, 2, 4, in_context)
+            for _, summary in results:
+                assert set(summary) == {"all_gather"}
+                counts = summary["all_gather"]
+                assert counts["calls"] == calls
+                assert counts["bytes_sent"] == counts["bytes_received"] == lasp2_delta_bytes(W, B) + extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +165,7 @@ def _run_with_rank_dependent_documents(ctx):
 
 def test_mismatched_documents_across_ranks_raise_on_every_rank():
     messages = run_on_ranks(2, _run_with_rank_dependent_documents)
-    assert all(m is not None and "different cu_seqlens" in m for m in messages), messages
+    assert all(m is not None and "disagree on cu_seqlens checksum" in m for m in messages), messages
 
 
 def test_bad_shapes_name_the_argument():

@@ -89,26 +89,28 @@ def test_linear_volumes_scan_ring_allgather(W):
             assert meter["recv"]["bytes_received"] == chain_bytes(W, r, n)
         # the scan sends each state in 2 pieces (H = 2 heads), the ring in one message
         assert scan["send"]["calls"] == 2 * ring["send"]["calls"]
-        assert gather["all_gather"]["bytes_sent"] == gather["all_gather"]["bytes_received"] == (W - 1) * (2 * n + 8)
+        # public function: the agreement all-gather (12 int64) and the state gathers
+        assert gather["all_gather"]["bytes_sent"] == gather["all_gather"]["bytes_received"] == (W - 1) * (2 * n + 96)
 
 
 @pytest.mark.parametrize("W", [3, 4])
 def test_delta_volumes_scan_vs_allgather(W):
     T, B = 5, 2
     state, transition = B * H * DK * DV * 4, B * H * DK * DK * 4
-    scan = run_on_ranks(W, run_delta_sp_rank, "scan", T, "token", "none", seed=3)
-    gather = run_on_ranks(W, run_delta_sp_rank, "lasp2", T, "token", "none", seed=3)
+    # the runtime's entries (SPContext built beforehand): no agreement all-gather
+    scan = run_on_ranks(W, run_delta_sp_rank, "scan", T, "token", "none", 3, 4, True)
+    gather = run_on_ranks(W, run_delta_sp_rank, "lasp2", T, "token", "none", 3, 4, True)
     for r in range(W):
         s, g = scan[r][1], gather[r][1]
         assert set(s) <= {"send", "recv"}
         assert s["send"]["bytes_sent"] == chain_bytes(W, r, state)  # no transition travels
         assert s["recv"]["bytes_received"] == chain_bytes(W, r, state)
-        assert g["all_gather"]["bytes_sent"] == (W - 1) * (state + transition + 8 + state)
+        assert g["all_gather"]["bytes_sent"] == (W - 1) * (state + transition + state)
 
 
 def test_scan_rejects_mismatched_documents():
     messages = run_on_ranks(2, _run_scan_with_rank_dependent_documents)
-    assert all(m is not None and "different cu_seqlens" in m for m in messages), messages
+    assert all(m is not None and "disagree on cu_seqlens checksum" in m for m in messages), messages
 
 
 def _run_scan_with_rank_dependent_documents(ctx):
