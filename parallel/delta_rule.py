@@ -42,9 +42,13 @@ from parallel.linear_attention import compute_dtype, decay_BTH, validate_linear_
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "chunk_delta_rule",
+    "chunk_outputs",
     "delta_rule_attention",
     "delta_rule_recurrent",
     "fla_delta_available",
+    "prepare_chunks",
+    "reset_mask",
+    "state_pass",
     "validate_delta_rule_inputs",
 ]
 
@@ -77,7 +81,7 @@ def validate_delta_rule_inputs(q, k, v, beta, *, log_decay, cu_seqlens, initial_
                 )
 
 
-def _reset_T(cu_seqlens: Tensor | None, T: int, device) -> Tensor | None:
+def reset_mask(cu_seqlens: Tensor | None, T: int, device) -> Tensor | None:
     """True at interior document starts; None with at most one document."""
     if cu_seqlens is None or cu_seqlens.numel() <= 2:
         return None
@@ -141,7 +145,7 @@ def _masked_exp(mask: Tensor, log_w: Tensor) -> Tensor:
     return torch.exp(torch.where(mask, log_w, _NEG_INF))
 
 
-def _prepare_chunks(q, k, v, beta, a_BTH, reset_T, chunk_size: int):
+def prepare_chunks(q, k, v, beta, a_BTH, reset_T, chunk_size: int):
     """Everything of the chunked kernel that needs no state: per chunk (P, E) and the pieces
     of the outputs. Inputs in the compute dtype; returns a dict of [B, H, N, ...] tensors."""
     B, T, H, K = q.shape
@@ -177,7 +181,7 @@ def _prepare_chunks(q, k, v, beta, a_BTH, reset_T, chunk_size: int):
     return {"T": T, "q": q_c, "k": k_c, "carry_decay": carry_decay, "D": D_incl, "U": U, "W": Wm, "P": P, "E": E}
 
 
-def _state_pass(P: Tensor, E: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+def state_pass(P: Tensor, E: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
     """S(0) = h0, S(n+1) = P_n S(n) + E_n: (states entering each chunk [B,H,N,K,V], final state)."""
     state, entering = h0, []
     for P_n, E_n in zip(P.unbind(2), E.unbind(2)):  # unbind: one stack in backward, not N zero-fills
@@ -186,7 +190,7 @@ def _state_pass(P: Tensor, E: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(entering, dim=2), state
 
 
-def _chunk_outputs(pieces: dict, S_in: Tensor) -> Tensor:
+def chunk_outputs(pieces: dict, S_in: Tensor) -> Tensor:
     """O = diag(exp(b)) Q S + tril(Q K^T * D) (U - W S) per chunk, back to [B, T, H, V]."""
     q_c, k_c = pieces["q"], pieces["k"]
     w = pieces["U"] - pieces["W"] @ S_in
@@ -230,12 +234,12 @@ def chunk_delta_rule(
         h0 = q.new_zeros(B, H, K, V, dtype=cdt) if initial_state is None else initial_state.to(cdt)
         return q.new_zeros(B, 0, H, V), (h0 if output_final_state else None)
     a_BTH = decay_BTH(log_decay, B, T, H, cdt, q.device)
-    pieces = _prepare_chunks(
-        q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt), a_BTH, _reset_T(cu_seqlens, T, q.device), chunk_size
+    pieces = prepare_chunks(
+        q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt), a_BTH, reset_mask(cu_seqlens, T, q.device), chunk_size
     )
     h0 = q.new_zeros(B, H, K, V, dtype=cdt) if initial_state is None else initial_state.to(cdt)
-    S_in, final = _state_pass(pieces["P"], pieces["E"], h0)
-    o = _chunk_outputs(pieces, S_in)
+    S_in, final = state_pass(pieces["P"], pieces["E"], h0)
+    o = chunk_outputs(pieces, S_in)
     return o.to(q.dtype), (final if output_final_state else None)
 
 

@@ -37,10 +37,10 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.delta_rule import (
     DEFAULT_CHUNK_SIZE,
-    _chunk_outputs,
-    _prepare_chunks,
-    _reset_T,
-    _state_pass,
+    chunk_outputs,
+    prepare_chunks,
+    reset_mask,
+    state_pass,
     chunk_delta_rule,
     validate_delta_rule_inputs,
 )
@@ -92,9 +92,9 @@ def local_prepare(leaves, spans: RankSpans, chunk_size: int):
     eye = torch.eye(K, dtype=cdt, device=q.device).expand(B, H, K, K)
     h0_aug = torch.cat([q.new_zeros(B, H, K, V, dtype=cdt), eye], dim=-1)
     a_BTH = decay_BTH(log_decay, B, T, H, cdt, q.device)
-    reset_T = _reset_T(spans.local_cu_seqlens, T, q.device)
-    pieces = _prepare_chunks(q.to(cdt), k.to(cdt), v_aug, beta.to(cdt), a_BTH, reset_T, chunk_size)
-    S_chunks, final = _state_pass(pieces["P"], pieces["E"], h0_aug)
+    reset_T = reset_mask(spans.local_cu_seqlens, T, q.device)
+    pieces = prepare_chunks(q.to(cdt), k.to(cdt), v_aug, beta.to(cdt), a_BTH, reset_T, chunk_size)
+    S_chunks, final = state_pass(pieces["P"], pieces["E"], h0_aug)
     E, P = final.split([V, K], dim=-1)
     return E, P, (pieces, S_chunks)
 
@@ -102,7 +102,7 @@ def local_prepare(leaves, spans: RankSpans, chunk_size: int):
 def local_outputs(prepared, V: int) -> tuple[Tensor, Tensor]:
     """(o(0), q~) of this rank from the prepared chunks: the bulk of the work, no remote data."""
     pieces, S_chunks = prepared
-    o_aug = _chunk_outputs(pieces, S_chunks)
+    o_aug = chunk_outputs(pieces, S_chunks)
     return o_aug[..., :V], o_aug[..., V:]
 
 
