@@ -37,11 +37,11 @@ from parallel import comm
 from parallel.comm import Group
 from parallel.delta_rule import (
     DEFAULT_CHUNK_SIZE,
+    chunk_delta_rule,
     chunk_outputs,
     prepare_chunks,
     reset_mask,
     state_pass,
-    chunk_delta_rule,
     validate_delta_rule_inputs,
 )
 from parallel.lasp2 import grads_through
