@@ -187,3 +187,15 @@ def test_gdn_layers_read_nothing_back_and_add_fixed_collectives():
         # SP=2: rank 0 sends the halo and receives its gradient, rank 1 the reverse
         assert calls8["send"] - calls4["send"] == 3 * 2
         assert calls8["recv"] - calls4["recv"] == 3 * 2
+
+
+def test_gdn_model_runs_on_the_meta_device():
+    """DESIGN invariant 7: at SP=1 the G block's forward and backward create every tensor on the
+    context's device and read nothing back (meta tensors have no values to read)."""
+    config = gdn_config("GGS")
+    with torch.device("meta"):
+        model = build_model(config, ParallelConfig())
+    tokens = torch.randint(0, 256, (1, 20), device="meta")
+    logits = model(tokens, SPContext.single(20, [0, 7, 20], device="meta"))
+    logits.float().sum().backward()
+    assert logits.device.type == "meta" and model.blocks[0].mix.conv.grad.device.type == "meta"
