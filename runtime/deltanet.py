@@ -31,6 +31,7 @@ from parallel import comm
 from parallel.lasp2_delta import lasp2_delta_rule_attention_in_context
 from parallel.scan import scan_delta_rule_attention_in_context
 from parallel.sp_context import SPContext
+from parallel.ulysses_delta import ulysses_delta_rule_attention_in_context
 
 if TYPE_CHECKING:
     from runtime.config import ModelConfig, ParallelConfig
@@ -88,11 +89,6 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.rand(H, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self.method = parallel.linear_sp
-        if self.method not in ("lasp2", "lasp1", "scan"):
-            raise ValueError(
-                f"parallel.linear_sp={self.method!r} has no gated-delta-rule op: G layers run with "
-                "'lasp2', 'scan' or 'lasp1' (the scan with one piece: a ring)"
-            )
 
     def gates(self, x_BTD: Tensor) -> tuple[Tensor, Tensor]:
         """(beta in (0, 1), log-decay g <= 0), both [B, T, H] in fp32."""
@@ -112,7 +108,9 @@ class GatedDeltaNet(nn.Module):
         beta, g = self.gates(x_BTD)
         if self.method == "lasp2":
             o = lasp2_delta_rule_attention_in_context(q, k, v, beta.to(q.dtype), sp, log_decay=g.to(q.dtype))
-        else:
+        elif self.method == "ulysses":
+            o = ulysses_delta_rule_attention_in_context(q, k, v, beta.to(q.dtype), sp, log_decay=g.to(q.dtype))
+        else:  # scan, or lasp1: the same chain with one piece (a ring)
             pieces = 1 if self.method == "lasp1" else 4
             o = scan_delta_rule_attention_in_context(
                 q, k, v, beta.to(q.dtype), sp, log_decay=g.to(q.dtype), pieces=pieces

@@ -67,8 +67,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("W,total,bounds", CASES, ids=lambda x: str(x))
-@pytest.mark.parametrize("linear_sp", ["lasp2", "scan", "lasp1"])
+@pytest.mark.parametrize("linear_sp", ["lasp2", "scan", "lasp1", "ulysses"])
 def test_sharded_gdn_model_equals_single_device(W, total, bounds, linear_sp):
+    if linear_sp == "ulysses" and W == 3:
+        pytest.skip("Ulysses splits the 4 heads over the ranks: W must divide 4")
     pattern = "GLS"
     model, tokens, targets, cu = _setup(pattern, linear_sp, total, bounds)
     ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPContext.single(total, bounds))
@@ -131,11 +133,6 @@ def test_layer_letter_g_is_allowed_and_others_are_not():
     gdn_config("GGGS").validate()
     with pytest.raises(ConfigError, match="gated DeltaNet"):
         gdn_config("GX").validate()
-
-
-def test_ulysses_is_refused_for_g_layers():
-    with pytest.raises(ValueError, match="no gated-delta-rule op"):
-        build_model(gdn_config("G"), ParallelConfig(linear_sp="ulysses"))
 
 
 def test_cost_model_volumes_cover_g_layers():
