@@ -221,3 +221,13 @@ def test_projection_benchmark_writes_its_results(tmp_path):
         assert str(row["best_static_degree"]) in row["static_s"]
     assert set(result["summary"]) == models
     assert set(result["summary"]["flexsp-gpt7b-a100"]) == {"8", "16"}
+
+
+def test_gpu_delta_check_smoke_run_on_cpu(tmp_path):
+    """The prepared GPU check of the delta rule runs end to end (torch rows only on CPU)."""
+    cmd = [sys.executable, "benchmarks/gpu_delta_check.py", "--device", "cpu", "--lengths", "128"]
+    cmd += ["--heads", "2", "--head-dim", "8", "--repeats", "1", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "gpu_delta_check.json").read_text())
+    assert result["fla_available"] is False
+    assert {row["backend"] for row in result["accuracy"]} == {"torch"} and len(result["throughput"]) == 1
