@@ -38,7 +38,6 @@ __all__ = [
     "checkpoint_bytes",
     "preflight",
     "resolve_cost",
-    "resolve_cost_model",
 ]
 
 # bytes a checkpoint holds per parameter: fp32 weights (4), AdamW's two moments (8), and the
@@ -109,30 +108,10 @@ def check_files(config: Config) -> None:
         )
 
 
-def resolve_cost_model(config: Config, world_size: int) -> CostModel:
-    """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
-    hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
-    import torch
-
-    from planner.cost import CostModel
-    from planner.cost_spec import CostSpecError, resolve_cost
-
-    spec = config.planner.cost_model
-    if spec != "auto":
-        try:
-            return resolve_cost(spec, world_size)
-        except CostSpecError as exc:
-            raise ConfigError(f"config field `planner.cost_model`: {exc}") from None
-    if not torch.cuda.is_available():
-        return CostModel.preset("tiny-cpu", world_size=world_size)
-    cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
-    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
-    budget = 0.9 * total_gb - cost.model_state_gb
-    return dataclasses.replace(cost, memory_budget_gb=budget, notes=cost.notes + f" Budget from {total_gb:.0f} GB.")
-
-
 def resolve_cost(config: Config, world: int) -> CostModel:
     """The run's cost model, or a PreflightError naming planner.cost_model."""
+    from runtime.train import resolve_cost_model  # the trainer's resolution (imports DeepSpeed)
+
     try:
         return resolve_cost_model(config, world)
     except ConfigError:

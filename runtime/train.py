@@ -29,14 +29,15 @@ from launchers.env import discover_environment
 from parallel.context import ParallelContext
 from planner.baselines import batch_adaptive, static_sp
 from planner.cost import CostModel
+from planner.cost_spec import CostSpecError, resolve_cost
 from planner.plan import StepPlan
 from runtime.checkpoint import load_checkpoint
-from runtime.config import Config, to_toml
+from runtime.config import Config, ConfigError, to_toml
 from runtime.data import build_dataset
 from runtime.lr_schedule import lr_at, set_lr
 from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
-from runtime.preflight import check_data, resolve_cost_model
+from runtime.preflight import check_data
 from runtime.run_dir import RunFolder
 from runtime.step import StepResult, evaluate_plan, run_plan
 
@@ -53,6 +54,31 @@ __all__ = [
 
 class TrainingError(RuntimeError):
     """The run cannot go on (repeated non-finite steps, a batch the cluster cannot hold, ...)."""
+
+
+def resolve_cost_model(config: Config, world_size: int) -> CostModel:
+    """``planner.cost_model``: a preset name, a JSON path, or auto (on CPU the model's FLOP-derived
+    coefficients with a budget from this machine's memory, planner.presets.cpu_cost_model; on a
+    GPU the hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
+    spec = config.planner.cost_model
+    if spec != "auto":
+        try:
+            return resolve_cost(spec, world_size)
+        except CostSpecError as exc:
+            raise ConfigError(f"config field `planner.cost_model`: {exc}") from None
+    if not torch.cuda.is_available():
+        from planner.presets import HybridShape, cpu_cost_model
+
+        shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, config.launch.nproc_per_node)))
+        stage = config.train.zero_stage
+        return cpu_cost_model(shape, world_size=world_size, ranks_per_machine=per_machine, zero_stage=stage)
+    import dataclasses
+
+    cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    budget = 0.9 * total_gb - cost.model_state_gb
+    return dataclasses.replace(cost, memory_budget_gb=budget, notes=cost.notes + f" Budget from {total_gb:.0f} GB.")
 
 
 def build_engine(model: HybridLM, config: Config):
@@ -90,6 +116,7 @@ class StepPlanner:
         self.mode, self.ctx, self.cost, self.lengths_of = config.planner.mode, ctx, cost, lengths_of
         self.static_degree = config.planner.static_degree
         self.kwargs = {"time_limit_s": config.planner.time_limit_s, "solver": config.planner.solver}
+        self.kwargs["group_sizes"] = config.planner.group_sizes
         self.async_planner = None
         if ctx.rank == 0 and self.mode == "flexsp" and config.planner.async_plan:
             from planner.async_plan import AsyncPlanner
