@@ -1,4 +1,4 @@
-"""The ``seqmoe`` command: train, launch, plan, profile, bench, config.
+"""The ``seqmoe`` command: train, launch, plan, profile, bench, config, tokenizer, export, generate.
 
 Config-driven subcommands take ``--config PATH`` plus any number of ``--section.key=value``
 overrides (``seqmoe config --config configs/tiny-cpu.toml --train.steps=20``).
@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runtime import __version__
+from runtime.cli_io import register as register_io_commands
 from runtime.config import ConfigError, load_config, to_toml
 
 # Exit code of a subcommand whose feature has not landed yet: distinct from success (0),
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed training of long-context hybrid linear/softmax-attention + MoE models: "
         "per-step SP planning, LASP-2 / LASP-2H sequence parallelism, global-batch load balancing.",
     )
+    parser.add_argument("--version", action="version", version=f"seqmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train on the ranks of this launch (run under `seqmoe launch` or torchrun)")
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config (preset + overrides) as TOML, validated")
     _add_config_args(config)
     config.set_defaults(handler=_cmd_config, takes_overrides=True)
+    register_io_commands(sub, _add_config_args)  # tokenizer train, export, generate (runtime/cli_io.py)
     return parser
 
 
