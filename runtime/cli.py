@@ -39,7 +39,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from runtime.tokenizer import check_vocab_size
+
     config = load_config(args.config, overrides)
+    check_vocab_size(config.data.tokenizer, config.model.vocab_size)  # a tokenizer file and the model agree
     print(to_toml(config), end="")
     return 0
 
