@@ -3,9 +3,10 @@ gives, in a fresh single-process ep_size-1 model, the logits of the training mod
 DeepSpeed's own loader on the training ranks; generation from the checkpoint runs; bad paths
 and damaged checkpoints are one-line errors.
 
-Tolerance: 1e-5 absolute on fp32 logits of magnitude ~1 (the same parameters; the only
-difference is that the training ranks run each expert on the rows the all-to-all brings, in
-another order and batch shape, so a matmul may round differently)."""
+Tolerance: 1e-6 absolute on fp32 logits of magnitude ~1 (measured: 1.8e-7 at ZeRO 1 / EP 2,
+1.2e-7 at ZeRO 0 / EP 2, 0 at ZeRO 2 / EP 1): the parameters are the same; the training ranks run
+each expert on the rows the all-to-all brings, in another order and batch shape, so a matmul may
+round differently."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from tests.distributed import run_on_ranks
 from tests.test_launchers import TRAIN_ARGS
 
-LOGIT_TOL = 1e-5
+LOGIT_TOL = 1e-6
 FIXED_TEXT = "def train(config):\n    return run(config)  # fixed input ✓\n"
 
 
@@ -99,7 +100,6 @@ def test_export_gives_the_training_models_logits(trained, tmp_path, zero_stage, 
     model, tokenizer, _ = load_exported(tmp_path / "export")
     logits = next_token_logits(model, encode(FIXED_TEXT))
     err = (logits - reference).abs().max().item()
-    print(f"zero_stage={zero_stage} ep_size={ep_size}: max |logit difference| {err:.3g}")
     assert err <= LOGIT_TOL, err
     assert logits.abs().max().item() > 0.1  # not trivially zero
     # the in-memory consolidation that `generate --checkpoint` uses gives the same model

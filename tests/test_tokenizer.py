@@ -173,6 +173,9 @@ def test_training_with_a_trained_tokenizer(tmp_path):
     assert [r["step"] for r in rows] == [0, 1]
     assert abs(rows[0]["loss"] - math.log(1024)) < 0.5, rows[0]["loss"]
     assert np.isfinite([r["loss"] for r in rows]).all()
+    # start-up lines and plain progress lines (stdout is a pipe here, not a terminal)
+    assert f"tokenizer {tok} (vocab 1024)" in run.stdout and "active per token" in run.stdout
+    assert "step 1/2 | loss" in run.stdout and "step 2/2 | loss" in run.stdout and "\r" not in run.stdout
     bad = _seqmoe(*common, f"--train.run_dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     line = [x for x in bad.stderr.splitlines() if "seqmoe train" in x]
