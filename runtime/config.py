@@ -98,9 +98,9 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.tokenizer:
-            _fail("data.tokenizer", self.tokenizer, "use 'bytes' or the path of a tokenizer.json")
+            fail("data.tokenizer", self.tokenizer, "use 'bytes' or the path of a tokenizer.json")
         if not self.text_key:
-            _fail("data.text_key", self.text_key, 'name the JSONL field that holds the text (default "text")')
+            fail("data.text_key", self.text_key, 'name the JSONL field that holds the text (default "text")')
         if self.source != "embedded" and not self.path:
             fail("data.path", self.path, f"data.source={self.source!r} needs a path")
         positive("data.global_batch_sequences", self.global_batch_sequences)
