@@ -18,7 +18,7 @@ planned with the ``hybrid-1b-h100`` cost model. Per batch it records:
 
 Paper, for reference (measured, not predicted): up to 1.98x vs Megatron-LM, 1.72x vs
 DeepSpeed-Ulysses, and up to 1.42x from mixing degrees within a batch (vs BatchAda).
-Writes planner.json and planner.png under benchmarks/results/ (or --out-dir).
+Writes planner.json and planner.png under --out-dir (default runs/bench/).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 # sys.path[0] is this script's folder, where this file would shadow the planner package
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, write_json  # noqa: E402
 from planner import plan_step  # noqa: E402
 from planner.baselines import batch_adaptive, smallest_static_degree, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--solver", default="highs")
     parser.add_argument("--cost-models", nargs="+", default=COST_MODELS, choices=CostModel.presets())
     parser.add_argument("--distributions", nargs="+", default=DISTRIBUTIONS)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     args = parser.parse_args()
     args.batches = args.batches or (2 if args.quick else 20)
     # solve times are wall-clock: record how busy the machine was, to read them against

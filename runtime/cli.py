@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", default="cost-model.json", help="where to write the fitted cost model (JSON)")
     profile.set_defaults(handler=_cmd_profile, takes_overrides=True)
 
-    bench = sub.add_parser("bench", help="run a benchmark suite; writes JSON + PNG under benchmarks/results/")
+    bench = sub.add_parser(
+        "bench", help="run a benchmark suite; writes JSON + PNG under runs/bench/ (--out-dir DIR to choose)"
+    )
     bench.add_argument(
         "suite",
         nargs="?",

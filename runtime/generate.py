@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from runtime.model import HybridLM, SPBatch
+from runtime.model import HybridLM, SPContext
 
 __all__ = ["GenerateError", "next_token_logits", "resolve_device", "sample"]
 
@@ -39,7 +39,8 @@ def resolve_device(spec: str) -> torch.device:
 @torch.no_grad()
 def next_token_logits(model: HybridLM, tokens_T: Tensor) -> Tensor:
     """[T, vocab] float32 logits of one sequence, through the training forward (one document)."""
-    logits_1TV = model(tokens_T[None], SPBatch.single())
+    T = int(tokens_T.numel())
+    logits_1TV = model(tokens_T[None], SPContext.single(T, device=tokens_T.device))
     model.end_step()  # a forward adds to the balance buffer; nothing trains here
     if model.routing_metrics is not None:
         model.routing_metrics.reset()

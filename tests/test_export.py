@@ -43,7 +43,7 @@ def _train_then_reference_logits(ctx, run_dir: str, zero_stage: int, ep_size: in
     from runtime.checkpoint import load_checkpoint
     from runtime.config import load_config
     from runtime.data import encode
-    from runtime.model import SPBatch, build_model
+    from runtime.model import SPContext, build_model
     from runtime.train import _train, build_engine
 
     config = load_config(TRAIN_ARGS[0], _overrides(Path(run_dir), zero_stage, ep_size))
@@ -54,7 +54,8 @@ def _train_then_reference_logits(ctx, run_dir: str, zero_stage: int, ep_size: in
     step = load_checkpoint(engine, ctx, "auto", config.resolved_run_dir / "checkpoints", lambda *_: None)
     model.eval()
     with torch.no_grad():
-        logits = model(encode(FIXED_TEXT)[None], SPBatch.single())[0]
+        tokens = encode(FIXED_TEXT)
+        logits = model(tokens[None], SPContext.single(tokens.numel()))[0]
     return {"step": step, "loss": row["loss"], "logits": logits}
 
 

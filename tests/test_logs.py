@@ -106,3 +106,26 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"seqmoe {__version__}"
+
+
+BENCHMARKS = ["sp_ops", "planner", "moe", "e2e", "projection", "linear_kernels", "gpu_kernel_check"]
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmarks_default_to_an_uncommitted_out_dir(name):
+    """Trying a benchmark never overwrites the committed benchmarks/results/: the default --out-dir
+    is the git-ignored runs/bench/, and the committed folder is written only when named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.common import DEFAULT_OUT_DIR, RESULTS_DIR
+
+    repo = Path(__file__).resolve().parent.parent
+    assert repo / "runs" / "bench" == DEFAULT_OUT_DIR and DEFAULT_OUT_DIR != RESULTS_DIR
+    assert "runs/" in (repo / ".gitignore").read_text().split()
+    out = subprocess.run(
+        [sys.executable, f"benchmarks/{name}.py", "--help"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "default runs/bench" in " ".join(out.stdout.split())
