@@ -112,6 +112,16 @@ def test_tokenizer_errors_are_one_line(tmp_path, bpe):
         build_dataset(cfg, vocab_size=256)
 
 
+def test_seqmoe_config_checks_the_tokenizer(bpe, capsys):
+    _, path = bpe
+    vocab = load_tokenizer(str(path)).vocab_size
+    assert main(["config", f"--data.tokenizer={path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.vocab_size" in err and "data.tokenizer" in err
+    assert main(["config", f"--data.tokenizer={path}", f"--model.vocab_size={vocab}"]) == 0
+    assert f'tokenizer = "{path}"' in capsys.readouterr().out
+
+
 def test_tokenizer_train_command_on_jsonl(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS))
