@@ -129,3 +129,19 @@ def test_benchmarks_default_to_an_uncommitted_out_dir(name):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "default runs/bench" in " ".join(out.stdout.split())
+
+
+def test_each_venv_gets_its_own_torch_extensions_dir(monkeypatch, tmp_path):
+    import os
+    import sys
+
+    from runtime import cli
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    cli._per_venv_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")  # a user's own choice stays
+    cli._per_venv_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
