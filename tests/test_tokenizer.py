@@ -186,6 +186,14 @@ def test_training_with_a_trained_tokenizer(tmp_path):
     # start-up lines and plain progress lines (stdout is a pipe here, not a terminal)
     assert f"tokenizer {tok} (vocab 1024)" in run.stdout and "active per token" in run.stdout
     assert "step 1/2 | loss" in run.stdout and "step 2/2 | loss" in run.stdout and "\r" not in run.stdout
+    # model out keeps the tokenizer: the export carries a copy, and generation decodes with it
+    exported = _seqmoe("export", str(tmp_path / "run"), "--out", str(tmp_path / "export"), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (tmp_path / "export" / "tokenizer.json").read_bytes() == tok.read_bytes()
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["tokenizer"] == "tokenizer.json"
+    gen = _seqmoe("generate", "--export", str(tmp_path / "export"), "--prompt", "def ", "--max-new-tokens", "5",
+                  cwd=tmp_path)  # fmt: skip
+    assert gen.returncode == 0 and gen.stdout.startswith("def "), gen.stderr[-2000:]
     bad = _seqmoe(*common, f"--train.run_dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     line = [x for x in bad.stderr.splitlines() if "seqmoe train" in x]
