@@ -1,0 +1,336 @@
+"""Per-document softmax attention: each query block attends only to the keys it can see.
+
+The local compute of LASP-2H and Ulysses. T queries sit at global positions
+``[q_offset, q_offset + T)`` of a packed sequence whose S keys/values are all given; ``bounds``
+are the documents' boundaries ``[0, ..., S]`` (None: one document). Query p sees key j when
+``doc(j) == doc(p)`` and, if causal, ``j <= p``. The queries split into *pieces*, one per
+document they touch::
+
+    piece d: queries [max(a_d, q_offset), min(b_d, q_offset + T))  keys [a_d, key_end_d)
+    key_end_d = end of the piece's queries (causal) or b_d (bidirectional)
+
+so a causal piece's mask is aligned bottom-right (its keys start at the document's start, its
+queries possibly later), and the work is Σ_d (piece queries × piece keys) instead of
+T × (visible window) for one mask over the packed window. Pieces tile the queries in order and
+their keys tile the key window ``[lo, hi)`` in order, which is what flash-attn's varlen kernel
+takes (``cu_seqlens_q``, ``cu_seqlens_k``).
+
+Backends (``backend="auto"`` takes the first that applies):
+
+* ``"flash"``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16, equal q/v head dims
+  <= 256 and a multiple of 8); its causal mask is bottom-right aligned (flash-attn >= 2.1) and
+  it takes GQA natively.
+* ``"flex"``: torch ``flex_attention`` (CUDA) with a document block mask, compiled once.
+* ``"sdpa"``: torch SDPA per piece. A piece whose queries are its whole document (every
+  document that starts inside the block) is a square causal block: those are batched by
+  similar length, right-padded (causal: padded keys lie after every real query, so
+  ``is_causal`` hides them; bidirectional: a key-padding mask) and run in one SDPA call per
+  bucket. At most one piece per block starts before the block (its document began on an earlier
+  rank) and needs the explicit bottom-right mask, of that piece's size only.
+
+GQA: k/v keep their H_kv heads. With ``is_causal`` SDPA's ``enable_gqa`` shares them (the CPU
+and CUDA flash kernels read the shared head, no copy); where a mask is needed the G query heads
+of a k/v group are folded into the query axis instead (``softmax_sp._grouped_sdpa``'s trick).
+Everything here is computed from host ints (bounds, offsets): no device value is read back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BACKENDS", "Piece", "doc_attention", "document_pieces", "piece_work", "select_backend"]
+
+BACKENDS = ("auto", "flash", "flex", "sdpa")
+# square pieces of lengths in [BUCKET_RATIO * L, L] share one padded SDPA call (padding waste
+# <= 1/0.8^2 = 1.56x on the shortest), and so do any lengths within BUCKET_SLACK tokens, where
+# the per-call overhead outweighs the padded work
+BUCKET_RATIO = 0.8
+BUCKET_SLACK = 32
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Queries ``[q0, q1)`` (rows of the local block) attending keys ``[k0, k1)`` (rows of k/v)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+    @property
+    def square(self) -> bool:
+        """Whether the queries are exactly the keys (given the block's offset)."""
+        return self.k1 - self.k0 == self.q1 - self.q0
+
+
+def document_pieces(q_offset: int, T: int, S: int, *, causal: bool, bounds: list[int] | None) -> list[Piece]:
+    """The pieces of the query block ``[q_offset, q_offset + T)``, in order (see the module docstring)."""
+    bounds = [0, S] if bounds is None else bounds
+    first, end = q_offset, q_offset + T
+    pieces = []
+    for d in range(bisect.bisect_right(bounds, first) - 1, len(bounds) - 1):
+        a, b = bounds[d], bounds[d + 1]
+        if a >= end:
+            break
+        qs, qe = max(a, first), min(b, end)
+        pieces.append(Piece(qs - q_offset, qe - q_offset, a, qe if causal else b))
+    return pieces
+
+
+def piece_work(pieces: list[Piece]) -> int:
+    """Σ piece queries × piece keys: the score entries the per-document kernels compute."""
+    return sum((p.q1 - p.q0) * (p.k1 - p.k0) for p in pieces)
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+@functools.cache
+def _flash_varlen():
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # a flash-attn built for another torch/CUDA fails at import: not available
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    # compiled once per process; flex_attention is only fast compiled
+    return create_block_mask, torch.compile(flex_attention, dynamic=True)
+
+
+def _flash_fits(q: Tensor, v: Tensor) -> bool:
+    D = q.shape[3]
+    return q.dtype in (torch.float16, torch.bfloat16) and v.shape[3] == D and D <= 256 and D % 8 == 0
+
+
+def select_backend(q: Tensor, v: Tensor, backend: str = "auto") -> str:
+    """The backend ``doc_attention`` runs for these inputs; ValueError for one that cannot run them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: allowed {', '.join(BACKENDS)}")
+    cuda = q.device.type == "cuda"
+    if backend == "auto":
+        if cuda and _flash_varlen() is not None and _flash_fits(q, v):
+            return "flash"
+        return "flex" if cuda and _flex() is not None else "sdpa"
+    if backend == "flash" and not (cuda and _flash_varlen() is not None and _flash_fits(q, v)):
+        raise ValueError(
+            "backend='flash' needs CUDA tensors, flash-attn installed, fp16/bf16 and equal q/v head dims <= 256 "
+            "divisible by 8: use backend='auto'"
+        )
+    if backend == "flex" and not (cuda and _flex() is not None):
+        raise ValueError("backend='flex' needs CUDA tensors and torch.nn.attention.flex_attention: use backend='auto'")
+    return backend
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+
+
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, causal: bool, scale: float) -> Tensor:
+    """flash-attn varlen over the pieces: queries are the block as is, keys the window ``[lo, hi)``."""
+    B, T = q.shape[:2]
+    lo, hi = pieces[0].k0, pieces[-1].k1
+    q_lens = [p.q1 - p.q0 for p in pieces] * B
+    k_lens = [p.k1 - p.k0 for p in pieces] * B
+    cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, *_cumsum(k_lens)], dtype=torch.int32, device=q.device)
+    o = _flash_varlen()(
+        q.reshape(B * T, *q.shape[2:]),
+        k[:, lo:hi].reshape(B * (hi - lo), *k.shape[2:]),
+        v[:, lo:hi].reshape(B * (hi - lo), *v.shape[2:]),
+        cu_q,
+        cu_k,
+        max(q_lens),
+        max(k_lens),
+        softmax_scale=scale,
+        causal=causal,
+    )
+    return o.view(B, T, *o.shape[1:])
+
+
+def _document_mask_mod(q_doc_T: Tensor, q_pos_T: Tensor, k_doc_S: Tensor, k_pos_S: Tensor, causal: bool):
+    # closes over tensors only (no per-call ints), so the compiled kernel is reused across calls
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = q_doc_T[q_idx] == k_doc_S[kv_idx]
+        return same & (k_pos_S[kv_idx] <= q_pos_T[q_idx]) if causal else same
+
+    return mask_mod
+
+
+def _flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, q_offset: int, causal: bool, scale: float
+) -> Tensor:
+    """flex_attention over the key window with a document (and causal) block mask."""
+    create_block_mask, flex_attention = _flex()
+    T, device = q.shape[1], q.device
+    lo, hi = pieces[0].k0, pieces[-1].k1
+    docs = torch.arange(len(pieces))
+    q_doc = torch.repeat_interleave(docs, torch.tensor([p.q1 - p.q0 for p in pieces]))
+    k_doc = torch.repeat_interleave(docs, torch.tensor([p.k1 - p.k0 for p in pieces]))
+    mask_mod = _document_mask_mod(
+        q_doc.to(device),
+        torch.arange(q_offset, q_offset + T, device=device),
+        k_doc.to(device),
+        torch.arange(lo, hi, device=device),
+        causal,
+    )
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=hi - lo, device=device)
+    o = flex_attention(
+        q.transpose(1, 2),
+        k[:, lo:hi].transpose(1, 2),
+        v[:, lo:hi].transpose(1, 2),
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return o.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- SDPA per document
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    out, total = [], 0
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+def _sdpa_causal(q_BHLD: Tensor, k_BKLD: Tensor, v_BKLE: Tensor, scale: float) -> Tensor:
+    """Square causal blocks; ``enable_gqa`` shares the k/v heads without copying them."""
+    gqa = q_BHLD.shape[1] != k_BKLD.shape[1]
+    return F.scaled_dot_product_attention(q_BHLD, k_BKLD, v_BKLE, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
+def _sdpa_folded(q_BLHD: Tensor, k_BSKD: Tensor, v_BSKE: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA with the G query heads of each k/v head folded into the query axis (no k/v copy);
+    ``mask`` ``[L, S]`` per query token, or ``[B, 1, 1, S]`` per key. Returns ``[B, L, H, E]``."""
+    B, L, H, D = q_BLHD.shape
+    K, E = k_BSKD.shape[2], v_BSKE.shape[3]
+    G = H // K
+    q_BKMD = q_BLHD.permute(0, 2, 1, 3).reshape(B, K, G * L, D)
+    if mask is not None and mask.dim() == 2 and G > 1:
+        mask = mask.repeat(G, 1)
+    o_BKME = F.scaled_dot_product_attention(
+        q_BKMD, k_BSKD.transpose(1, 2), v_BSKE.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return o_BKME.reshape(B, H, L, E).transpose(1, 2)
+
+
+def _single_piece(q: Tensor, k: Tensor, v: Tensor, p: Piece, *, causal: bool, scale: float) -> Tensor:
+    """One piece by slicing (any batch): ``[B, Lq, H, E]``."""
+    q_p, k_p, v_p = q[:, p.q0 : p.q1], k[:, p.k0 : p.k1], v[:, p.k0 : p.k1]
+    if not causal:
+        return _sdpa_folded(q_p, k_p, v_p, None, scale)
+    if p.square:
+        return _sdpa_causal(q_p.transpose(1, 2), k_p.transpose(1, 2), v_p.transpose(1, 2), scale).transpose(1, 2)
+    Lq, Lk = p.q1 - p.q0, p.k1 - p.k0
+    visible_LS = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)  # bottom-right causal
+    return _sdpa_folded(q_p, k_p, v_p, visible_LS, scale)
+
+
+def _buckets(pieces: list[Piece]) -> list[list[Piece]]:
+    """Square pieces grouped by similar length (longest first)."""
+    out: list[list[Piece]] = []
+    for p in sorted(pieces, key=lambda p: p.q0 - p.q1):
+        n = p.q1 - p.q0
+        if out:
+            top = out[-1][0].q1 - out[-1][0].q0
+            if n >= BUCKET_RATIO * top or top - n <= BUCKET_SLACK:
+                out[-1].append(p)
+                continue
+        out.append([p])
+    return out
+
+
+def _padded_bucket(q: Tensor, k: Tensor, v: Tensor, bucket: list[Piece], *, causal: bool, scale: float):
+    """One SDPA call over n right-padded square pieces (batch 1). Returns (rows ``[R, H, E]``,
+    the local query row of each, on the host)."""
+    device = q.device
+    L = bucket[0].q1 - bucket[0].q0
+    lens = torch.tensor([p.q1 - p.q0 for p in bucket])
+    pad_L = torch.arange(L)
+    valid_nL = pad_L[None, :] < lens[:, None]
+    # padded slots repeat the piece's last row: they are dropped (queries) or masked (keys), so
+    # their gradient is zero and the repeat changes nothing
+    steps_nL = torch.minimum(pad_L[None, :], lens[:, None] - 1)
+    q_rows_nL = torch.tensor([p.q0 for p in bucket])[:, None] + steps_nL
+    k_idx = (torch.tensor([p.k0 for p in bucket])[:, None] + steps_nL).to(device)
+    q_nLHD, k_nLKD, v_nLKE = q[0, q_rows_nL.to(device)], k[0, k_idx], v[0, k_idx]
+    if causal:
+        o_nHLE = _sdpa_causal(q_nLHD.transpose(1, 2), k_nLKD.transpose(1, 2), v_nLKE.transpose(1, 2), scale)
+        o_nLHE = o_nHLE.transpose(1, 2)
+    else:
+        key_mask = None if bool(valid_nL.all()) else valid_nL[:, None, None, :].to(device)
+        o_nLHE = _sdpa_folded(q_nLHD, k_nLKD, v_nLKE, key_mask, scale)
+    flat_valid = valid_nL.reshape(-1).nonzero().squeeze(1)
+    rows = o_nLHE.reshape(-1, *o_nLHE.shape[2:])[flat_valid.to(device)]
+    return rows, q_rows_nL.reshape(-1)[flat_valid]
+
+
+def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, causal: bool, scale: float) -> Tensor:
+    """Per-document SDPA: square pieces batched by length, the others one by one."""
+    if len(pieces) == 1:
+        return _single_piece(q, k, v, pieces[0], causal=causal, scale=scale)
+    outputs, rows = [], []
+    squares = [p for p in pieces if p.square]
+    for p in pieces:
+        if not p.square:
+            outputs.append(_single_piece(q, k, v, p, causal=causal, scale=scale)[0])
+            rows.append(torch.arange(p.q0, p.q1))
+    for bucket in _buckets(squares):
+        if len(bucket) == 1:
+            p = bucket[0]
+            outputs.append(_single_piece(q, k, v, p, causal=causal, scale=scale)[0])
+            rows.append(torch.arange(p.q0, p.q1))
+        else:
+            o_rows, q_rows = _padded_bucket(q, k, v, bucket, causal=causal, scale=scale)
+            outputs.append(o_rows)
+            rows.append(q_rows)
+    # outputs are in bucket order; put every row back at its query position
+    order = torch.argsort(torch.cat(rows)).to(q.device)
+    return torch.cat(outputs)[order].unsqueeze(0)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def doc_attention(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKE: Tensor,
+    *,
+    q_offset: int,
+    causal: bool,
+    bounds: list[int] | None,
+    scale: float,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-document attention of T queries at ``[q_offset, q_offset + T)`` over the S keys, with
+    checked arguments (``bounds``: document boundaries as ints, batch 1 when given). Returns
+    ``[B, T, H, E]``, contiguous."""
+    T, S = q_BTHD.shape[1], k_BSKD.shape[1]
+    pieces = document_pieces(q_offset, T, S, causal=causal, bounds=bounds)
+    chosen = select_backend(q_BTHD, v_BSKE, backend)
+    if chosen == "flash":
+        o = _flash_attention(q_BTHD, k_BSKD, v_BSKE, pieces, causal=causal, scale=scale)
+    elif chosen == "flex":
+        o = _flex_attention(q_BTHD, k_BSKD, v_BSKE, pieces, q_offset=q_offset, causal=causal, scale=scale)
+    else:
+        o = _sdpa_attention(q_BTHD, k_BSKD, v_BSKE, pieces, causal=causal, scale=scale)
+    return o.contiguous()
