@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from moe.balance import BALANCE_MODES, BalanceTracker, inside_backward
 from moe.chain import chain_of_experts
-from moe.experts import ExpertMLP, dispatch_combine, expert_group_name
+from moe.experts import EXPERT_COMPUTE, ExpertMLP, dispatch_combine, expert_group_name
 from moe.router import GRURouter, LinearRouter, Routing, make_gru_cell
 from parallel.comm import SOLO, Group, group_rank, group_size
 
@@ -105,6 +105,7 @@ class MoELayer(DeepSpeedMoE):
         chain_iterations: int = 1,
         shared_expert: bool = False,
         ep_size: int = 1,
+        expert_compute: str = "grouped",
         ep_group: Group | None = None,
         balance_group: Group | None = None,
         tracker: BalanceTracker | None = None,
@@ -127,6 +128,9 @@ class MoELayer(DeepSpeedMoE):
         self.expert_group_name = expert_group_name(ep_size)
         self.enable_expert_tensor_parallelism = False
 
+        if expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute={expert_compute!r}: allowed {', '.join(EXPERT_COMPUTE)}")
+        self.expert_compute = expert_compute
         self.top_k, self.chain_iterations = top_k, chain_iterations
         self.k_per_iteration = top_k // chain_iterations
         self.layer_index, self.seed = layer_index, seed
@@ -203,6 +207,7 @@ class MoELayer(DeepSpeedMoE):
             local_experts=self.local_experts,
             num_experts=self.num_experts,
             ep_group=self.ep_group,
+            expert_compute=self.expert_compute,
         )
 
     def forward(self, x: Tensor, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

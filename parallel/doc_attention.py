@@ -49,10 +49,10 @@ __all__ = ["BACKENDS", "Piece", "doc_attention", "document_pieces", "piece_work"
 
 BACKENDS = ("auto", "flash", "flex", "sdpa")
 # square pieces of lengths in [BUCKET_RATIO * L, L] share one padded SDPA call (padding waste
-# <= 1/0.8^2 = 1.56x on the shortest), and so do any lengths within BUCKET_SLACK tokens, where
+# <= 1/0.9^2 = 1.23x on the shortest), and so do any lengths within BUCKET_SLACK tokens, where
 # the per-call overhead outweighs the padded work
-BUCKET_RATIO = 0.8
-BUCKET_SLACK = 32
+BUCKET_RATIO = 0.9
+BUCKET_SLACK = 64
 
 
 @dataclass(frozen=True)
