@@ -52,7 +52,10 @@ class ExpertMLP(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-EXPERT_COMPUTE = ("grouped", "loop")
+# "auto": grouped on CUDA (one kernel per projection instead of E), the loop on CPU, where
+# torch._grouped_mm runs the same per-expert GEMMs and the whole-batch activations of the
+# grouped path fall out of cache (measured 0.8-0.95x the loop's tokens/s: benchmarks/RESULTS.md)
+EXPERT_COMPUTE = ("auto", "grouped", "loop")
 
 
 def _run_experts(x_ND: Tensor, rows_per_expert: list[int], experts: nn.ModuleList) -> Tensor:
@@ -79,8 +82,8 @@ def _run_experts_grouped(x_ND: Tensor, rows_per_expert: list[int], experts: nn.M
 
 
 def run_experts(x_ND: Tensor, rows_per_expert: list[int], experts: nn.ModuleList, *, compute: str) -> Tensor:
-    """Expert j on rows ``[sum(rows[:j]), sum(rows[:j+1]))``; ``compute`` "grouped" or "loop"."""
-    if compute == "loop":
+    """Expert j on rows ``[sum(rows[:j]), sum(rows[:j+1]))``; ``compute`` one of EXPERT_COMPUTE."""
+    if compute == "loop" or (compute == "auto" and x_ND.device.type != "cuda"):
         return _run_experts(x_ND, rows_per_expert, experts)
     return _run_experts_grouped(x_ND, rows_per_expert, experts)
 
@@ -148,10 +151,11 @@ def dispatch_combine(
     local_experts: nn.ModuleList,
     num_experts: int,
     ep_group: Group,
-    expert_compute: str = "grouped",
+    expert_compute: str = "auto",
 ) -> Tensor:
     """Σ_k weight_tk · expert_{e_tk}(x_t) for every local token, experts spread over ``ep_group``;
-    ``expert_compute``: "grouped" (one grouped GEMM per projection) or "loop" (the reference)."""
+    ``expert_compute``: "grouped" (one grouped GEMM per projection), "loop" (the reference) or
+    "auto" (grouped on CUDA, loop elsewhere)."""
     if expert_compute not in EXPERT_COMPUTE:
         raise ValueError(f"expert_compute={expert_compute!r}: allowed {', '.join(EXPERT_COMPUTE)}")
     T, D = x_TD.shape

@@ -105,7 +105,7 @@ class MoELayer(DeepSpeedMoE):
         chain_iterations: int = 1,
         shared_expert: bool = False,
         ep_size: int = 1,
-        expert_compute: str = "grouped",
+        expert_compute: str = "auto",
         ep_group: Group | None = None,
         balance_group: Group | None = None,
         tracker: BalanceTracker | None = None,

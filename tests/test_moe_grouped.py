@@ -67,5 +67,53 @@ def test_grouped_linear_with_empty_experts(dtype):
 
 
 def test_bad_expert_compute_is_a_clear_error():
-    with pytest.raises(ValueError, match="expert_compute='fused': allowed grouped, loop"):
+    with pytest.raises(ValueError, match="expert_compute='fused': allowed auto, grouped, loop"):
         MoELayer(8, 12, num_experts=4, top_k=2, expert_compute="fused")
+
+
+def _ep_step(ctx, ep_size: int, compute: str, total: int):
+    from moe.layer import expert_parallel_group
+
+    torch.manual_seed(0)  # routers identical on every rank
+    layer = MoELayer(
+        16,
+        16,
+        num_experts=4,
+        top_k=2,
+        router="linear",
+        ep_size=ep_size,
+        ep_group=expert_parallel_group(ep_size),
+        balance_coef=0.0,
+        seed=5,
+        expert_compute=compute,
+    )
+    x_all = torch.randn(total, 16, generator=torch.Generator().manual_seed(3))
+    x = x_all[ctx.rank * total // 2 : (ctx.rank + 1) * total // 2].clone().requires_grad_()
+    y, _ = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {
+        (gid, name): p.grad.clone()
+        for gid, expert in zip(layer.global_expert_ids(), layer.local_experts, strict=True)
+        for name, p in expert.named_parameters()
+    }
+    return y.detach(), x.grad, grads
+
+
+def test_grouped_under_expert_parallelism_equals_the_loop():
+    """gloo, 2 ranks: grouped experts at ep_size=2 against the loop at ep_size=1; each expert's
+    gradient summed over the ranks holding a copy (its expert-data-parallel group)."""
+    from tests.distributed import run_on_ranks
+
+    ref = run_on_ranks(2, _ep_step, 1, "loop", 20)
+    got = run_on_ranks(2, _ep_step, 2, "grouped", 20)
+    for rank in range(2):
+        assert rel_err(got[rank][0], ref[rank][0]) <= FP32_TOL
+        assert rel_err(got[rank][1], ref[rank][1]) <= FP32_TOL
+    totals: dict = {}
+    for _, _, grads in ref:
+        for key, g in grads.items():
+            totals[key] = totals.get(key, 0) + g
+    got_grads = {key: g for _, _, grads in got for key, g in grads.items()}
+    assert got_grads.keys() == totals.keys()
+    for key, g in totals.items():
+        assert rel_err(got_grads[key], g) <= FP32_TOL, key
