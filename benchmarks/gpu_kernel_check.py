@@ -5,7 +5,7 @@
 Accuracy: relative RMS error ||x - ref|| / ||ref|| of the bf16 fla path (and of the bf16 torch
 path, for scale) against the fp32 pure-torch kernel on the same inputs; target <= 3e-3.
 Throughput: forward (+ backward where fla allows it) wall time, torch vs fla, same inputs.
-fla 0.6 refuses the backward of per-token gates on Hopper with Triton in [3.4, 3.7.1) (a
+fla refuses the backward of per-token gates on Hopper with Triton in [3.4, 3.7.1) (a
 miscompile, fla issue #640), so gated cases are measured forward-only there. Results are written
 after every step, so a run cut short still leaves what it measured.
 """
