@@ -270,8 +270,12 @@ def _padded_bucket(q: Tensor, k: Tensor, v: Tensor, bucket: list[Piece], *, caus
     # their gradient is zero and the repeat changes nothing
     steps_nL = torch.minimum(pad_L[None, :], lens[:, None] - 1)
     q_rows_nL = torch.tensor([p.q0 for p in bucket])[:, None] + steps_nL
-    k_idx = (torch.tensor([p.k0 for p in bucket])[:, None] + steps_nL).to(device)
-    q_nLHD, k_nLKD, v_nLKE = q[0, q_rows_nL.to(device)], k[0, k_idx], v[0, k_idx]
+    k_rows = (torch.tensor([p.k0 for p in bucket])[:, None] + steps_nL).reshape(-1).to(device)
+    n = len(bucket)
+    # index_select: its backward is an index_add, cheaper than advanced indexing's index_put
+    q_nLHD = q[0].index_select(0, q_rows_nL.reshape(-1).to(device)).view(n, L, *q.shape[2:])
+    k_nLKD = k[0].index_select(0, k_rows).view(n, L, *k.shape[2:])
+    v_nLKE = v[0].index_select(0, k_rows).view(n, L, *v.shape[2:])
     if causal:
         o_nHLE = _sdpa_causal(q_nLHD.transpose(1, 2), k_nLKD.transpose(1, 2), v_nLKE.transpose(1, 2), scale)
         o_nLHE = o_nHLE.transpose(1, 2)
