@@ -142,19 +142,26 @@ def softmax_stage(result: dict, write, *, device, dtype, sizes, heads, repeats) 
 
 
 def _attention_grads(method, q, k, v, do, bounds):
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     if method == "one_by_one":
-        outs = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            qd, kd, vd = (t[:, a:b].transpose(1, 2) for t in leaves)
-            gqa = qd.shape[1] != kd.shape[1]
-            outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa).transpose(1, 2))
-        o = torch.cat(outs, dim=1)
-    else:
-        scale = q.shape[-1] ** -0.5
-        o = packed_attention(*leaves, q_offset=0, causal=True, bounds=bounds, scale=scale, method=method)
+        return _one_by_one(q, k, v, do, bounds)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    scale = q.shape[-1] ** -0.5
+    o = packed_attention(*leaves, q_offset=0, causal=True, bounds=bounds, scale=scale, method=method)
     o.backward(do)
     return [o.detach()] + [t.grad for t in leaves]
+
+
+def _one_by_one(q, k, v, do, bounds):
+    """Each document by its own SDPA call on leaves of its own (slicing one packed leaf would add
+    an O(N) gradient buffer per document); outputs and gradients concatenated afterwards."""
+    results = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        leaves = [t[:, a:b].transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
+        gqa = leaves[0].shape[1] != leaves[1].shape[1]
+        o = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=gqa)
+        o.backward(do[:, a:b].transpose(1, 2))
+        results.append([o.detach()] + [t.grad for t in leaves])
+    return [torch.cat(parts, dim=2).transpose(1, 2) for parts in zip(*results)]
 
 
 def _short(row: dict) -> str:
@@ -265,7 +272,7 @@ def _build(shape: HybridShape, device, dtype, checkpointing: bool):
     return model
 
 
-def _train_step(model, optimizer, tokens, cu, batch):
+def _train_step(model, optimizer, tokens, batch):
     logits = model(tokens[:, :-1], batch)
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[0, 1:]) + model.aux_loss()
     loss.backward()
@@ -276,7 +283,7 @@ def _train_step(model, optimizer, tokens, cu, batch):
 
 
 def train_stage(result: dict, write, *, device, dtype, shape, sizes, repeats, profile: bool) -> None:
-    from runtime.model import SPBatch
+    from parallel.sp_context import SPContext
 
     rows = result.setdefault("train", [])
     peak = peak_flops(device)
@@ -290,12 +297,11 @@ def train_stage(result: dict, write, *, device, dtype, shape, sizes, repeats, pr
                 model = _build(shape, device, dtype, checkpointing)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 tokens = torch.randint(0, shape.vocab_size, (1, N + 1), device=device)
-                cu = torch.tensor(_bounds(lengths), device=device)
-                batch = SPBatch.single(cu)
+                batch = SPContext.single(N, _bounds(lengths), device=device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 timing = time_fn(
-                    lambda m=model, o=optimizer, b=batch, t=tokens, c=cu: _train_step(m, o, t, c, b),
+                    lambda m=model, o=optimizer, b=batch, t=tokens: _train_step(m, o, t, b),
                     warmup=1,
                     repeats=repeats,
                     cuda=device.type == "cuda",
@@ -311,7 +317,7 @@ def train_stage(result: dict, write, *, device, dtype, shape, sizes, repeats, pr
                     peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 )
                 if profile:
-                    row["profile"] = profile_step(model, optimizer, tokens, cu, batch, device)
+                    row["profile"] = profile_step(model, optimizer, tokens, batch, device)
                 break
             except torch.OutOfMemoryError as exc:
                 row[f"oom_checkpointing_{checkpointing}"] = str(exc)[:300]
@@ -348,13 +354,13 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
-def profile_step(model, optimizer, tokens, cu, batch, device) -> dict:
+def profile_step(model, optimizer, tokens, batch, device) -> dict:
     """Self device (or CPU) time per kernel class over one step, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        _train_step(model, optimizer, tokens, cu, batch)
+        _train_step(model, optimizer, tokens, batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

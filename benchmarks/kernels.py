@@ -11,8 +11,8 @@ d=64. Documents: all of 256 tokens (the issue's case), or seeded log-uniform len
 * ``dense``: ``packed_attention(method="dense")``, one boolean mask over the visible window
   (the former path; skipped above ``--dense-max-tokens``, its mask is N² bytes);
 * ``per_doc``: ``packed_attention`` (``parallel.doc_attention``, bucketed SDPA per document);
-* ``one_by_one``: every document by its own SDPA call with ``is_causal`` (the baseline the
-  target ratio per_doc / one_by_one <= 1.2 refers to).
+* ``one_by_one``: every document by its own SDPA call with ``is_causal``, its q, k, v leaves
+  of their own (the baseline the target ratio per_doc / one_by_one <= 1.2 refers to).
 
 MoE: one ``MoELayer`` (linear router, top-2, no balance loss) forward + backward on T tokens,
 ``expert_compute="loop"`` vs ``"grouped"``, tokens/s; plus the cost of stacking the expert
@@ -93,9 +93,15 @@ def _attention_fns(N: int, bounds: list[int], *, with_dense: bool) -> dict[str, 
 
         return step
 
+    # each document's q, k, v are leaves of their own (as if each document were its own batch):
+    # slicing one packed leaf would add an O(N) gradient buffer per document to the baseline
+    docs = [
+        [t[:, a:b].transpose(1, 2).detach().clone().requires_grad_() for t in (q, k, v)]
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+
     def one_by_one() -> None:
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            qd, kd, vd = (t[:, a:b].transpose(1, 2) for t in (q, k, v))
+        for qd, kd, vd in docs:
             o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=SCALE)
             o.backward(torch.ones_like(o))
 

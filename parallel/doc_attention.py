@@ -31,7 +31,10 @@ Backends (``backend="auto"`` takes the first that applies):
 GQA: k/v keep their H_kv heads. With ``is_causal`` SDPA's ``enable_gqa`` shares them (the CPU
 and CUDA flash kernels read the shared head, no copy); where a mask is needed the G query heads
 of a k/v group are folded into the query axis instead (``softmax_sp._grouped_sdpa``'s trick).
-Everything here is computed from host ints (bounds, offsets): no device value is read back.
+Everything here is computed from host ints (bounds, offsets): no device value is read back. The
+index tensors of a layout (cu_seqlens, block masks, bucket gathers) are built once and cached
+(small LRU keyed by the pieces and device), so the layers of a micro-batch copy nothing to the
+device after the first.
 """
 
 from __future__ import annotations
@@ -140,22 +143,29 @@ def select_backend(q: Tensor, v: Tensor, backend: str = "auto") -> str:
 # ----------------------------------------------------------------------------- CUDA kernels
 
 
+@functools.lru_cache(maxsize=32)
+def _flash_plan(pieces: tuple[Piece, ...], batch: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
+    """cu_seqlens_q / cu_seqlens_k (int32, on the device) and the longest piece, once per layout."""
+    q_lens = [p.q1 - p.q0 for p in pieces] * batch
+    k_lens = [p.k1 - p.k0 for p in pieces] * batch
+    cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *_cumsum(k_lens)], dtype=torch.int32, device=device)
+    return cu_q, cu_k, max(q_lens), max(k_lens)
+
+
 def _flash_attention(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, causal: bool, scale: float) -> Tensor:
     """flash-attn varlen over the pieces: queries are the block as is, keys the window ``[lo, hi)``."""
     B, T = q.shape[:2]
     lo, hi = pieces[0].k0, pieces[-1].k1
-    q_lens = [p.q1 - p.q0 for p in pieces] * B
-    k_lens = [p.k1 - p.k0 for p in pieces] * B
-    cu_q = torch.tensor([0, *_cumsum(q_lens)], dtype=torch.int32, device=q.device)
-    cu_k = torch.tensor([0, *_cumsum(k_lens)], dtype=torch.int32, device=q.device)
+    cu_q, cu_k, max_q, max_k = _flash_plan(tuple(pieces), B, q.device)
     o = _flash_varlen()(
         q.reshape(B * T, *q.shape[2:]),
         k[:, lo:hi].reshape(B * (hi - lo), *k.shape[2:]),
         v[:, lo:hi].reshape(B * (hi - lo), *v.shape[2:]),
         cu_q,
         cu_k,
-        max(q_lens),
-        max(k_lens),
+        max_q,
+        max_k,
         softmax_scale=scale,
         causal=causal,
     )
@@ -171,13 +181,11 @@ def _document_mask_mod(q_doc_T: Tensor, q_pos_T: Tensor, k_doc_S: Tensor, k_pos_
     return mask_mod
 
 
-def _flex_attention(
-    q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, q_offset: int, causal: bool, scale: float
-) -> Tensor:
-    """flex_attention over the key window with a document (and causal) block mask."""
-    create_block_mask, flex_attention = _flex()
-    T, device = q.shape[1], q.device
-    lo, hi = pieces[0].k0, pieces[-1].k1
+@functools.lru_cache(maxsize=32)
+def _flex_block_mask(pieces: tuple[Piece, ...], q_offset: int, causal: bool, device: torch.device):
+    """The document (and causal) block mask of a layout, built once and reused by every layer."""
+    create_block_mask, _ = _flex()
+    T, lo, hi = pieces[-1].q1, pieces[0].k0, pieces[-1].k1
     docs = torch.arange(len(pieces))
     q_doc = torch.repeat_interleave(docs, torch.tensor([p.q1 - p.q0 for p in pieces]))
     k_doc = torch.repeat_interleave(docs, torch.tensor([p.k1 - p.k0 for p in pieces]))
@@ -188,12 +196,20 @@ def _flex_attention(
         torch.arange(lo, hi, device=device),
         causal,
     )
-    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=hi - lo, device=device)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=hi - lo, device=device)
+
+
+def _flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, q_offset: int, causal: bool, scale: float
+) -> Tensor:
+    """flex_attention over the key window with a document (and causal) block mask."""
+    _, flex_attention = _flex()
+    lo, hi = pieces[0].k0, pieces[-1].k1
     o = flex_attention(
         q.transpose(1, 2),
         k[:, lo:hi].transpose(1, 2),
         v[:, lo:hi].transpose(1, 2),
-        block_mask=block_mask,
+        block_mask=_flex_block_mask(tuple(pieces), q_offset, causal, q.device),
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )
@@ -258,57 +274,88 @@ def _buckets(pieces: list[Piece]) -> list[list[Piece]]:
     return out
 
 
-def _padded_bucket(q: Tensor, k: Tensor, v: Tensor, bucket: list[Piece], *, causal: bool, scale: float):
-    """One SDPA call over n right-padded square pieces (batch 1). Returns (rows ``[R, H, E]``,
-    the local query row of each, on the host)."""
-    device = q.device
-    L = bucket[0].q1 - bucket[0].q0
-    lens = torch.tensor([p.q1 - p.q0 for p in bucket])
+@dataclass(frozen=True)
+class _Bucket:
+    """n square pieces right-padded to L rows, run by one SDPA call: the rows to gather (padded
+    slots repeat the piece's last row: they are dropped as queries and hidden as keys, so their
+    gradient is zero), the valid slots to keep, a key-padding mask (bidirectional, padded only)."""
+
+    n: int
+    L: int
+    q_rows: Tensor
+    k_rows: Tensor
+    valid: Tensor
+    key_mask: Tensor | None
+    out_rows: Tensor  # on the host: the local query row of each valid slot
+
+
+@dataclass(frozen=True)
+class _SdpaPlan:
+    singles: tuple[Piece, ...]
+    buckets: tuple[_Bucket, ...]
+    order: Tensor  # output row of each computed row, inverted: index_select puts rows back in place
+
+
+def _bucket(pieces: list[Piece], *, causal: bool, device: torch.device) -> _Bucket:
+    n, L = len(pieces), pieces[0].q1 - pieces[0].q0
+    lens = torch.tensor([p.q1 - p.q0 for p in pieces])
     pad_L = torch.arange(L)
     valid_nL = pad_L[None, :] < lens[:, None]
-    # padded slots repeat the piece's last row: they are dropped (queries) or masked (keys), so
-    # their gradient is zero and the repeat changes nothing
     steps_nL = torch.minimum(pad_L[None, :], lens[:, None] - 1)
-    q_rows_nL = torch.tensor([p.q0 for p in bucket])[:, None] + steps_nL
-    k_rows = (torch.tensor([p.k0 for p in bucket])[:, None] + steps_nL).reshape(-1).to(device)
-    n = len(bucket)
+    q_rows = torch.tensor([p.q0 for p in pieces])[:, None] + steps_nL
+    k_rows = torch.tensor([p.k0 for p in pieces])[:, None] + steps_nL
+    padded = any(p.q1 - p.q0 != L for p in pieces)
+    key_mask = valid_nL[:, None, None, :].to(device) if padded and not causal else None
+    valid = valid_nL.reshape(-1).nonzero().squeeze(1)
+    q_rows = q_rows.reshape(-1)
+    return _Bucket(
+        n, L, q_rows.to(device), k_rows.reshape(-1).to(device), valid.to(device), key_mask, out_rows=q_rows[valid]
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _sdpa_plan(pieces: tuple[Piece, ...], causal: bool, device: torch.device) -> _SdpaPlan:
+    """Built from host ints once per micro-batch and layout (every layer reuses it): one host->
+    device copy of the index tensors, none per layer."""
+    singles, buckets, rows = [], [], []
+    for p in pieces:
+        if not p.square:
+            singles.append(p)
+    for group in _buckets([p for p in pieces if p.square]):
+        if len(group) == 1:
+            singles.append(group[0])
+        else:
+            buckets.append(_bucket(group, causal=causal, device=device))
+    for p in singles:
+        rows.append(torch.arange(p.q0, p.q1))
+    for b in buckets:
+        rows.append(b.out_rows)
+    order = torch.argsort(torch.cat(rows)).to(device)
+    return _SdpaPlan(tuple(singles), tuple(buckets), order)
+
+
+def _run_bucket(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, *, causal: bool, scale: float) -> Tensor:
+    """One SDPA call over a padded bucket (batch 1); returns its valid rows ``[R, H, E]``."""
     # index_select: its backward is an index_add, cheaper than advanced indexing's index_put
-    q_nLHD = q[0].index_select(0, q_rows_nL.reshape(-1).to(device)).view(n, L, *q.shape[2:])
-    k_nLKD = k[0].index_select(0, k_rows).view(n, L, *k.shape[2:])
-    v_nLKE = v[0].index_select(0, k_rows).view(n, L, *v.shape[2:])
+    q_nLHD = q[0].index_select(0, b.q_rows).view(b.n, b.L, *q.shape[2:])
+    k_nLKD = k[0].index_select(0, b.k_rows).view(b.n, b.L, *k.shape[2:])
+    v_nLKE = v[0].index_select(0, b.k_rows).view(b.n, b.L, *v.shape[2:])
     if causal:
         o_nHLE = _sdpa_causal(q_nLHD.transpose(1, 2), k_nLKD.transpose(1, 2), v_nLKE.transpose(1, 2), scale)
         o_nLHE = o_nHLE.transpose(1, 2)
     else:
-        key_mask = None if bool(valid_nL.all()) else valid_nL[:, None, None, :].to(device)
-        o_nLHE = _sdpa_folded(q_nLHD, k_nLKD, v_nLKE, key_mask, scale)
-    flat_valid = valid_nL.reshape(-1).nonzero().squeeze(1)
-    rows = o_nLHE.reshape(-1, *o_nLHE.shape[2:])[flat_valid.to(device)]
-    return rows, q_rows_nL.reshape(-1)[flat_valid]
+        o_nLHE = _sdpa_folded(q_nLHD, k_nLKD, v_nLKE, b.key_mask, scale)
+    return o_nLHE.reshape(b.n * b.L, *o_nLHE.shape[2:]).index_select(0, b.valid)
 
 
 def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, causal: bool, scale: float) -> Tensor:
     """Per-document SDPA: square pieces batched by length, the others one by one."""
     if len(pieces) == 1:
         return _single_piece(q, k, v, pieces[0], causal=causal, scale=scale)
-    outputs, rows = [], []
-    squares = [p for p in pieces if p.square]
-    for p in pieces:
-        if not p.square:
-            outputs.append(_single_piece(q, k, v, p, causal=causal, scale=scale)[0])
-            rows.append(torch.arange(p.q0, p.q1))
-    for bucket in _buckets(squares):
-        if len(bucket) == 1:
-            p = bucket[0]
-            outputs.append(_single_piece(q, k, v, p, causal=causal, scale=scale)[0])
-            rows.append(torch.arange(p.q0, p.q1))
-        else:
-            o_rows, q_rows = _padded_bucket(q, k, v, bucket, causal=causal, scale=scale)
-            outputs.append(o_rows)
-            rows.append(q_rows)
-    # outputs are in bucket order; put every row back at its query position
-    order = torch.argsort(torch.cat(rows)).to(q.device)
-    return torch.cat(outputs)[order].unsqueeze(0)
+    plan = _sdpa_plan(tuple(pieces), causal, q.device)
+    outputs = [_single_piece(q, k, v, p, causal=causal, scale=scale)[0] for p in plan.singles]
+    outputs += [_run_bucket(q, k, v, b, causal=causal, scale=scale) for b in plan.buckets]
+    return torch.cat(outputs).index_select(0, plan.order).unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- entry point
