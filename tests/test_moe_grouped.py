@@ -104,8 +104,8 @@ def test_grouped_under_expert_parallelism_equals_the_loop():
     gradient summed over the ranks holding a copy (its expert-data-parallel group)."""
     from tests.distributed import run_on_ranks
 
-    ref = run_on_ranks(2, _ep_step, 1, "loop", 20)
-    got = run_on_ranks(2, _ep_step, 2, "grouped", 20)
+    ref = run_on_ranks(2, _ep_step, 1, "loop", 20, timeout_s=600)
+    got = run_on_ranks(2, _ep_step, 2, "grouped", 20, timeout_s=600)
     for rank in range(2):
         assert rel_err(got[rank][0], ref[rank][0]) <= FP32_TOL
         assert rel_err(got[rank][1], ref[rank][1]) <= FP32_TOL
