@@ -56,6 +56,9 @@ BACKENDS = ("auto", "flash", "flex", "sdpa")
 # the per-call overhead outweighs the padded work
 BUCKET_RATIO = 0.9
 BUCKET_SLACK = 64
+# square pieces at least this long run by themselves (their call overhead is small against their
+# work); shorter ones that are not part of an equal-length run are gathered into buckets
+SOLO_MIN = 256
 
 
 @dataclass(frozen=True)
@@ -248,16 +251,23 @@ def _sdpa_folded(q_BLHD: Tensor, k_BSKD: Tensor, v_BSKE: Tensor, mask: Tensor | 
     return o_BKME.reshape(B, H, L, E).transpose(1, 2)
 
 
-def _single_piece(q: Tensor, k: Tensor, v: Tensor, p: Piece, *, causal: bool, scale: float) -> Tensor:
-    """One piece by slicing (any batch): ``[B, Lq, H, E]``."""
-    q_p, k_p, v_p = q[:, p.q0 : p.q1], k[:, p.k0 : p.k1], v[:, p.k0 : p.k1]
+def _piece_call(q_p: Tensor, k_p: Tensor, v_p: Tensor, *, square: bool, causal: bool, scale: float) -> Tensor:
+    """One piece (any batch) on its views: ``[B, Lq, H, E]``."""
     if not causal:
         return _sdpa_folded(q_p, k_p, v_p, None, scale)
-    if p.square:
+    if square:
         return _sdpa_causal(q_p.transpose(1, 2), k_p.transpose(1, 2), v_p.transpose(1, 2), scale).transpose(1, 2)
-    Lq, Lk = p.q1 - p.q0, p.k1 - p.k0
-    visible_LS = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)  # bottom-right causal
+    Lq, Lk = q_p.shape[1], k_p.shape[1]
+    visible_LS = torch.ones(Lq, Lk, dtype=torch.bool, device=q_p.device).tril(Lk - Lq)  # bottom-right causal
     return _sdpa_folded(q_p, k_p, v_p, visible_LS, scale)
+
+
+def _run_call(q_p: Tensor, k_p: Tensor, v_p: Tensor, n: int, *, causal: bool, scale: float) -> Tensor:
+    """n consecutive square pieces of one length, batched by reshaping their views (no copy)."""
+    L = q_p.shape[1] // n
+    q_n, k_n, v_n = (t.reshape(n, L, *t.shape[2:]) for t in (q_p, k_p, v_p))
+    o_n = _piece_call(q_n, k_n, v_n, square=True, causal=causal, scale=scale)
+    return o_n.reshape(1, n * L, *o_n.shape[2:])
 
 
 def _buckets(pieces: list[Piece]) -> list[list[Piece]]:
@@ -290,10 +300,23 @@ class _Bucket:
 
 
 @dataclass(frozen=True)
+class _Part:
+    """Consecutive pieces: ``count`` square pieces of one length run on views (one SDPA call), one
+    piece of any shape (count 1), or pieces left to the gathered buckets (``gathered``)."""
+
+    q_len: int
+    k_len: int
+    count: int
+    square: bool
+    gathered: bool
+
+
+@dataclass(frozen=True)
 class _SdpaPlan:
-    singles: tuple[Piece, ...]
+    parts: tuple[_Part, ...]
     buckets: tuple[_Bucket, ...]
-    order: Tensor  # output row of each computed row, inverted: index_select puts rows back in place
+    order: Tensor | None  # output row r is computed row order[r]; None when already in order
+    inverse: Tensor | None  # computed row i goes to output row inverse[i]
 
 
 def _bucket(pieces: list[Piece], *, causal: bool, device: torch.device) -> _Bucket:
@@ -302,36 +325,55 @@ def _bucket(pieces: list[Piece], *, causal: bool, device: torch.device) -> _Buck
     pad_L = torch.arange(L)
     valid_nL = pad_L[None, :] < lens[:, None]
     steps_nL = torch.minimum(pad_L[None, :], lens[:, None] - 1)
-    q_rows = torch.tensor([p.q0 for p in pieces])[:, None] + steps_nL
-    k_rows = torch.tensor([p.k0 for p in pieces])[:, None] + steps_nL
+    q_rows = (torch.tensor([p.q0 for p in pieces])[:, None] + steps_nL).reshape(-1)
+    k_rows = (torch.tensor([p.k0 for p in pieces])[:, None] + steps_nL).reshape(-1)
     padded = any(p.q1 - p.q0 != L for p in pieces)
     key_mask = valid_nL[:, None, None, :].to(device) if padded and not causal else None
     valid = valid_nL.reshape(-1).nonzero().squeeze(1)
-    q_rows = q_rows.reshape(-1)
-    return _Bucket(
-        n, L, q_rows.to(device), k_rows.reshape(-1).to(device), valid.to(device), key_mask, out_rows=q_rows[valid]
-    )
+    return _Bucket(n, L, q_rows.to(device), k_rows.to(device), valid.to(device), key_mask, out_rows=q_rows[valid])
+
+
+def _runs(pieces: tuple[Piece, ...]) -> list[list[Piece]]:
+    """Maximal runs of consecutive square pieces of one length; other pieces alone."""
+    runs: list[list[Piece]] = []
+    for p in pieces:
+        last = runs[-1][-1] if runs else None
+        same = last is not None and last.square and p.square and last.q1 - last.q0 == p.q1 - p.q0
+        runs[-1].append(p) if same else runs.append([p])
+    return runs
 
 
 @functools.lru_cache(maxsize=32)
 def _sdpa_plan(pieces: tuple[Piece, ...], causal: bool, device: torch.device) -> _SdpaPlan:
-    """Built from host ints once per micro-batch and layout (every layer reuses it): one host->
-    device copy of the index tensors, none per layer."""
-    singles, buckets, rows = [], [], []
-    for p in pieces:
-        if not p.square:
-            singles.append(p)
-    for group in _buckets([p for p in pieces if p.square]):
-        if len(group) == 1:
-            singles.append(group[0])
-        else:
-            buckets.append(_bucket(group, causal=causal, device=device))
-    for p in singles:
-        rows.append(torch.arange(p.q0, p.q1))
-    for b in buckets:
-        rows.append(b.out_rows)
-    order = torch.argsort(torch.cat(rows)).to(device)
-    return _SdpaPlan(tuple(singles), tuple(buckets), order)
+    """How the SDPA path runs a layout, built from host ints once per micro-batch and layout (every
+    layer reuses it: one host->device copy of the index tensors, none per layer).
+
+    Runs of equal-length documents and documents of at least SOLO_MIN tokens run on views of
+    q/k/v (no copy); the remaining short documents, whose per-call overhead would dominate, are
+    gathered into padded buckets of similar length."""
+    runs = _runs(pieces)
+    short = [r[0] for r in runs if len(r) == 1 and r[0].square and r[0].q1 - r[0].q0 < SOLO_MIN]
+    groups = _buckets(short)
+    gathered = {p for g in groups if len(g) > 1 for p in g}
+    parts: list[_Part] = []
+    for run in runs:
+        is_gathered = run[0] in gathered
+        q_len, k_len, count = run[-1].q1 - run[0].q0, run[-1].k1 - run[0].k0, len(run)
+        if is_gathered and parts and parts[-1].gathered:  # merge consecutive gathered pieces
+            prev = parts.pop()
+            q_len, k_len, count = prev.q_len + q_len, prev.k_len + k_len, prev.count + count
+        parts.append(_Part(q_len, k_len, count, run[0].square, is_gathered))
+    buckets = tuple(_bucket(g, causal=causal, device=device) for g in groups if len(g) > 1)
+    if not buckets:
+        return _SdpaPlan(tuple(parts), (), None, None)
+    rows, start = [], 0
+    for part in parts:
+        if not part.gathered:
+            rows.append(torch.arange(start, start + part.q_len))
+        start += part.q_len
+    rows += [b.out_rows for b in buckets]
+    inverse = torch.cat(rows)
+    return _SdpaPlan(tuple(parts), buckets, torch.argsort(inverse).to(device), inverse.to(device))
 
 
 def _run_bucket(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, *, causal: bool, scale: float) -> Tensor:
@@ -349,13 +391,47 @@ def _run_bucket(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, *, causal: bool, sc
 
 
 def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, causal: bool, scale: float) -> Tensor:
-    """Per-document SDPA: square pieces batched by length, the others one by one."""
+    """Per-document SDPA (see :func:`_sdpa_plan`)."""
     if len(pieces) == 1:
-        return _single_piece(q, k, v, pieces[0], causal=causal, scale=scale)
+        p = pieces[0]
+        return _piece_call(q, k[:, p.k0 : p.k1], v[:, p.k0 : p.k1], square=p.square, causal=causal, scale=scale)
     plan = _sdpa_plan(tuple(pieces), causal, q.device)
-    outputs = [_single_piece(q, k, v, p, causal=causal, scale=scale)[0] for p in plan.singles]
-    outputs += [_run_bucket(q, k, v, b, causal=causal, scale=scale) for b in plan.buckets]
-    return torch.cat(outputs).index_select(0, plan.order).unsqueeze(0)
+    lo, hi = pieces[0].k0, pieces[-1].k1
+    k_win, v_win = k, v
+    if (lo, hi) != (0, k.shape[1]):  # a slice's backward writes a full-size zero gradient: only when needed
+        k_win, v_win = k[:, lo:hi], v[:, lo:hi]
+    # split (not slicing): one autograd node whose backward is one cat, not a full-size zero
+    # gradient per piece
+    q_parts = q.split([part.q_len for part in plan.parts], dim=1)
+    k_parts = k_win.split([part.k_len for part in plan.parts], dim=1)
+    v_parts = v_win.split([part.k_len for part in plan.parts], dim=1)
+    outputs = []
+    for part, q_p, k_p, v_p in zip(plan.parts, q_parts, k_parts, v_parts, strict=True):
+        if part.gathered:
+            continue
+        if part.count > 1:
+            outputs.append(_run_call(q_p, k_p, v_p, part.count, causal=causal, scale=scale))
+        else:
+            outputs.append(_piece_call(q_p, k_p, v_p, square=part.square, causal=causal, scale=scale))
+    if plan.order is None:
+        return torch.cat(outputs, dim=1)
+    rows = [o[0] for o in outputs] + [_run_bucket(q, k, v, b, causal=causal, scale=scale) for b in plan.buckets]
+    return _Permute.apply(torch.cat(rows), plan.order, plan.inverse).unsqueeze(0)
+
+
+class _Permute(torch.autograd.Function):
+    """Rows reordered by a permutation; the backward applies the inverse permutation (an
+    index_select's own backward would zero-fill and scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -25,7 +25,8 @@ from tests.attention_cases import output_and_grads, reference_softmax_attention,
 TOL = 1e-10
 
 # (name, S, q_offset, T, bounds): documents on the block's cuts, inside it, spanning it, many
-# short ones of similar length (padded buckets), one document (bounds None)
+# short ones of similar length (padded buckets), runs of equal length (batched views), all of
+# these in one block, one document (bounds None)
 LAYOUTS = [
     ("on_cuts", 24, 8, 8, [0, 8, 16, 24]),
     ("inside", 24, 8, 8, [0, 10, 13, 24]),
@@ -33,6 +34,8 @@ LAYOUTS = [
     ("starts_before", 24, 8, 8, [0, 5, 12, 24]),
     ("many_similar", 64, 0, 64, [0, 9, 17, 26, 33, 41, 44, 46, 50, 64]),
     ("many_offset", 60, 20, 30, [0, 7, 19, 22, 29, 31, 40, 45, 51, 60]),
+    ("equal_runs", 40, 0, 40, [0, 4, 8, 12, 20, 28, 30, 40]),
+    ("runs_gathered_and_partial", 48, 6, 36, [0, 10, 14, 18, 22, 25, 27, 35, 43, 48]),
     ("one_doc", 24, 8, 8, None),
     ("first_block", 24, 0, 8, [0, 2, 3, 11, 24]),
     ("last_block", 24, 16, 8, [0, 2, 17, 18, 24]),
@@ -111,3 +114,15 @@ def test_bad_backend_names_the_choices():
     with pytest.raises(ValueError, match="backend='flash' needs CUDA"):
         select_backend(q, q, "flash")
     assert select_backend(q, q) == "sdpa"
+
+
+def test_plan_uses_views_for_runs_and_gathers_only_short_singles():
+    from parallel.doc_attention import _sdpa_plan
+
+    pieces = document_pieces(6, 36, 48, causal=True, bounds=[0, 10, 14, 18, 22, 25, 27, 35, 43, 48])
+    plan = _sdpa_plan(tuple(pieces), True, torch.device("cpu"))
+    kinds = [(part.q_len, part.count, part.square, part.gathered) for part in plan.parts]
+    # the partial first document alone, the run of three 4-token documents on one view, the
+    # short singles [22, 42) gathered
+    assert kinds == [(4, 1, False, False), (12, 3, True, False), (20, 4, True, True)]
+    assert [b.n for b in plan.buckets] == [4] and plan.order is not None
