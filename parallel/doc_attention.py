@@ -56,9 +56,10 @@ BACKENDS = ("auto", "flash", "flex", "sdpa")
 # the per-call overhead outweighs the padded work
 BUCKET_RATIO = 0.9
 BUCKET_SLACK = 64
-# square pieces at least this long run by themselves (their call overhead is small against their
-# work); shorter ones that are not part of an equal-length run are gathered into buckets
-SOLO_MIN = 256
+# square pieces at least this long run by themselves on views (measured on CPU: gathering
+# documents of 64-2,048 tokens into padded buckets cost more in copies than it saved in calls);
+# shorter ones that are not part of an equal-length run are gathered into buckets
+SOLO_MIN = 64
 
 
 @dataclass(frozen=True)
