@@ -92,6 +92,9 @@ def _attention_fns(N: int, bounds: list[int], *, with_dense: bool) -> dict[str, 
 
     def packed(method: str) -> Callable[[], None]:
         def step() -> None:
+            # fresh gradients each step (as for activations in training): accumulating into .grad
+            # would add a full-size read-modify-write per leaf that training never pays
+            q.grad = k.grad = v.grad = None
             o = packed_attention(q, k, v, q_offset=0, causal=True, bounds=bounds, scale=SCALE, method=method)
             o.backward(torch.ones_like(o))
 
@@ -106,6 +109,7 @@ def _attention_fns(N: int, bounds: list[int], *, with_dense: bool) -> dict[str, 
 
     def one_by_one() -> None:
         for qd, kd, vd in docs:
+            qd.grad = kd.grad = vd.grad = None
             o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=SCALE)
             o.backward(torch.ones_like(o))
 

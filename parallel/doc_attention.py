@@ -60,6 +60,7 @@ BUCKET_SLACK = 64
 # documents of 64-2,048 tokens into padded buckets cost more in copies than it saved in calls);
 # shorter ones that are not part of an equal-length run are gathered into buckets
 SOLO_MIN = 64
+RUN_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -335,11 +336,14 @@ def _bucket(pieces: list[Piece], *, causal: bool, device: torch.device) -> _Buck
 
 
 def _runs(pieces: tuple[Piece, ...]) -> list[list[Piece]]:
-    """Maximal runs of consecutive square pieces of one length; other pieces alone."""
+    """Runs of consecutive square pieces of one length (at most RUN_TOKENS tokens each, so that
+    one call's working set stays cache-sized); other pieces alone."""
     runs: list[list[Piece]] = []
     for p in pieces:
         last = runs[-1][-1] if runs else None
         same = last is not None and last.square and p.square and last.q1 - last.q0 == p.q1 - p.q0
+        if same and (len(runs[-1]) + 1) * (p.q1 - p.q0) > RUN_TOKENS:
+            same = False
         runs[-1].append(p) if same else runs.append([p])
     return runs
 
