@@ -20,7 +20,7 @@ Stages (each records its own error and the next one still runs):
 
 ``--dry`` runs every stage top to bottom on CPU at tiny sizes (fp32, a 2-layer model), skipping
 what needs CUDA (fla, flash-attn, flex): the script's plumbing is tested without a GPU.
-Default out-dir runs/bench/gpu_kernels (not the committed benchmarks/results/).
+Default out-dir benchmarks/out/gpu_kernels (not the committed benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from parallel.softmax_sp import packed_attention  # noqa: E402
 from planner.presets import HYBRID_1B, HybridShape, flops_cost_model  # noqa: E402
 
 STAGES = ("softmax", "linear", "experts", "train")
-DEFAULT_OUT = Path("runs/bench/gpu_kernels")
+DEFAULT_OUT = Path("benchmarks/out/gpu_kernels")
 # dense BF16 tensor-core peaks (no sparsity), for MFU
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 TINY = HybridShape(

@@ -21,7 +21,7 @@ weights per call (forward + backward of ``torch.stack``), which the grouped path
 Methods are interleaved repeat by repeat, the first one rotating (the machine is shared, so
 drifts hit all alike); rows give the ratio of medians and the ratio of fastest repeats.
 Writes kernels.json (after each section) and kernels.png to --out-dir (default
-runs/bench/kernels, not the committed benchmarks/results/).
+benchmarks/out/kernels, not the committed benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from moe import MoELayer  # noqa: E402
 from parallel.doc_attention import document_pieces, piece_work  # noqa: E402
 from parallel.softmax_sp import packed_attention  # noqa: E402
 
-DEFAULT_OUT = Path("runs/bench/kernels")
+DEFAULT_OUT = Path("benchmarks/out/kernels")
 H, D = 4, 64
 SCALE = D**-0.5
 # (name, d_model, expert hidden, experts): the tiny-cpu preset's MoE, a fine-grained one, a wide one

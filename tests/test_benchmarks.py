@@ -25,6 +25,8 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
         "256",
         "--softmax-lengths",
         "128",
+        "--delta-lengths",
+        "128",
         "--repeats",
         "1",
         "--out-dir",
@@ -38,15 +40,24 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
     methods = {(r["kind"], r["method"]) for r in result["rows"]}
     assert methods == {
         ("linear", "LASP-2"),
+        ("linear", "Scan"),
         ("linear", "LASP-1"),
+        ("delta", "LASP-2"),
+        ("delta", "Scan"),
+        ("delta", "LASP-1"),
         ("linear", "Ulysses"),
         ("softmax", "LASP-2H"),
         ("softmax", "Ulysses"),
     }
     lasp2 = next(r for r in result["rows"] if r["method"] == "LASP-2")
-    # B=1, H=4, d=64 fp32 state; forward (+8-byte fingerprint) and backward, one peer
-    assert lasp2["bytes_sent_max_rank"] == (4 * 64 * 64 + 2) * 4 + 4 * 64 * 64 * 4
+    # B=1, H=4, d=64 fp32 state; forward and backward, one peer (the runtime's in-context entry)
+    assert lasp2["bytes_sent_max_rank"] == 4 * 64 * 64 * 4 + 4 * 64 * 64 * 4
     assert "W=2,T=256" in result["summary"]["lasp1_over_lasp2_time"]
+    delta = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "LASP-2")
+    # the delta rule gathers state and transition (4 x 64 x (64 + 64)) forward, dM backward
+    assert delta["bytes_sent_max_rank"] == 4 * 64 * 128 * 4 + 4 * 64 * 64 * 4
+    scan = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "Scan")
+    assert scan["bytes_sent_max_rank"] == 4 * 64 * 64 * 4  # one state, forward or backward, per end rank
 
 
 def test_bench_rejects_lengths_that_do_not_split(tmp_path):
@@ -81,14 +92,20 @@ def test_planner_benchmark_writes_its_results(tmp_path):
     assert (tmp_path / "planner.png").stat().st_size > 0
     assert {"machine", "config", "summary", "rows"} <= set(result)
     assert result["config"]["num_ranks"] == 64 and result["config"]["batch_size"] == 128
-    # every cost model x distribution, one batch each
+    # every cost-model preset x distribution, one batch each (the presets include tiny-cpu now)
+    from planner.cost import CostModel
+
     cases = {(r["cost_model"], r["distribution"]) for r in result["rows"]}
-    assert cases == {
-        (c, d) for c in ("flexsp-gpt7b-a100", "hybrid-1b-h100") for d in ("wikipedia", "github", "commoncrawl")
-    }
+    assert cases == {(c, d) for c in CostModel.presets() for d in ("wikipedia", "github", "commoncrawl")}
     for row in result["rows"]:
         assert row["speedup_vs_static"] == pytest.approx(row["static_time_s"] / row["predicted_time_s"])
+        assert row["speedup_vs_megatron"] == pytest.approx(row["megatron_time_s"] / row["predicted_time_s"])
         assert row["speedup_vs_batch_adaptive"] > 0 and row["plan_wall_s"] > 0 and row["gap_to_lower_bound"] >= -1e-9
+        assert row["same_plan_twice"] and row["any_gain"] > 0
+    # the whole-cluster scale run (quick: 1024 ranks only) and the hybrid context sweep
+    assert {r["num_ranks"] for r in result["scale"]} == {1024}
+    assert [r["cap"] for r in result["context_sweep"]] == [2**15, 2**16, 2**17, 2**18, 2**19, 2**20]
+    assert all(0 < r["softmax_share"] < 1 and r["vs_megatron"] > 0 for r in result["context_sweep"])
     summary = result["summary"]["flexsp-gpt7b-a100"]
     assert {"all", "wikipedia", "github", "commoncrawl"} <= set(summary)
     assert {"plan_wall_s", "speedup_vs_static", "speedup_vs_batch_adaptive", "gap_to_lower_bound"} <= set(
@@ -210,3 +227,13 @@ def test_projection_benchmark_writes_its_results(tmp_path):
         assert str(row["best_static_degree"]) in row["static_s"]
     assert set(result["summary"]) == models
     assert set(result["summary"]["flexsp-gpt7b-a100"]) == {"8", "16"}
+
+
+def test_gpu_delta_check_smoke_run_on_cpu(tmp_path):
+    """The prepared GPU check of the delta rule runs end to end (torch rows only on CPU)."""
+    cmd = [sys.executable, "benchmarks/gpu_delta_check.py", "--device", "cpu", "--lengths", "128"]
+    cmd += ["--heads", "2", "--head-dim", "8", "--repeats", "1", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "gpu_delta_check.json").read_text())
+    assert result["fla_available"] is False
+    assert {row["backend"] for row in result["accuracy"]} == {"torch"} and len(result["throughput"]) == 1
