@@ -20,7 +20,7 @@ Stages (each records its own error and the next one still runs):
 
 ``--dry`` runs every stage top to bottom on CPU at tiny sizes (fp32, a 2-layer model), skipping
 what needs CUDA (fla, flash-attn, flex): the script's plumbing is tested without a GPU.
-Default out-dir benchmarks/out/gpu_kernels (not the committed benchmarks/results/).
+Default out-dir runs/bench (not the committed benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_info, time_fn, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, time_fn, write_json  # noqa: E402
 from benchmarks.kernels import doc_lengths  # noqa: E402
 from moe import MoELayer  # noqa: E402
 from parallel.doc_attention import select_backend  # noqa: E402
@@ -45,7 +45,6 @@ from parallel.softmax_sp import packed_attention  # noqa: E402
 from planner.presets import HYBRID_1B, HybridShape, flops_cost_model  # noqa: E402
 
 STAGES = ("softmax", "linear", "experts", "train")
-DEFAULT_OUT = Path("benchmarks/out/gpu_kernels")
 # dense BF16 tensor-core peaks (no sparsity), for MFU
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 TINY = HybridShape(
@@ -386,7 +385,7 @@ def profile_step(model, optimizer, tokens, batch, device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, CUDA-only stages skipped")
     parser.add_argument("--repeats", type=int, default=5)

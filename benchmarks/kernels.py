@@ -21,7 +21,7 @@ weights per call (forward + backward of ``torch.stack``), which the grouped path
 Methods are interleaved repeat by repeat, the first one rotating (the machine is shared, so
 drifts hit all alike); rows give the ratio of medians and the ratio of fastest repeats.
 Writes kernels.json (after each section) and kernels.png to --out-dir (default
-benchmarks/out/kernels, not the committed benchmarks/results/).
+runs/bench, not the committed benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, write_json  # noqa: E402
 from moe import MoELayer  # noqa: E402
 from parallel.doc_attention import document_pieces, piece_work  # noqa: E402
 from parallel.softmax_sp import packed_attention  # noqa: E402
 
-DEFAULT_OUT = Path("benchmarks/out/kernels")
 H, D = 4, 64
 SCALE = D**-0.5
 # (name, d_model, expert hidden, experts): the tiny-cpu preset's MoE, a fine-grained one, a wide one
@@ -257,7 +256,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8K tokens only, fewer repeats")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--sizes", type=int, nargs="+", help="packed tokens (default 8192 16384 32768)")
     parser.add_argument("--repeats", type=int, help="timed repeats per method (default 5, --quick 2)")
     parser.add_argument("--dense-max-tokens", type=int, default=16384, help="largest N the dense mask runs at")
