@@ -7,7 +7,9 @@ and bytes per rank of LASP-2 vs LASP-1 vs Ulysses (linear attention) and LASP-2H
 
 Each configuration runs every method in the same processes, interleaved repeat by repeat, so
 that they share the machine's conditions. A repeat's time is the slowest rank's (the step ends
-when the last rank does). Writes sp_ops.json and sp_ops.png under benchmarks/results/.
+when the last rank does). Every method runs through its ``*_in_context`` entry with one SP
+context built before the timing, as the runtime's layers do: the per-micro-batch agreement check
+is not part of any op's time or bytes. Writes sp_ops.json and sp_ops.png under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -27,26 +29,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
-from parallel.lasp2 import lasp2_attention  # noqa: E402
-from parallel.ring import lasp1_attention  # noqa: E402
-from parallel.softmax_sp import allgather_attention  # noqa: E402
-from parallel.ulysses import ulysses_attention, ulysses_linear_attention  # noqa: E402
+from parallel.lasp2 import lasp2_attention_in_context  # noqa: E402
+from parallel.ring import lasp1_attention_in_context  # noqa: E402
+from parallel.softmax_sp import allgather_attention_in_context  # noqa: E402
+from parallel.sp_context import SPContext  # noqa: E402
+from parallel.ulysses import ulysses_attention_in_context, ulysses_linear_attention_in_context  # noqa: E402
 
 H, D = 4, 64
 
 
-def linear_methods(group, log_decay):
+def linear_methods(sp: SPContext, log_decay):
     return {
-        "LASP-2": lambda q, k, v: lasp2_attention(q, k, v, group=group, log_decay=log_decay),
-        "LASP-1": lambda q, k, v: lasp1_attention(q, k, v, group=group, log_decay=log_decay, check_documents=False),
-        "Ulysses": lambda q, k, v: ulysses_linear_attention(q, k, v, group=group, log_decay=log_decay),
+        "LASP-2": lambda q, k, v: lasp2_attention_in_context(q, k, v, sp, log_decay=log_decay),
+        "LASP-1": lambda q, k, v: lasp1_attention_in_context(q, k, v, sp, log_decay=log_decay),
+        "Ulysses": lambda q, k, v: ulysses_linear_attention_in_context(q, k, v, sp, log_decay=log_decay),
     }
 
 
-def softmax_methods(group):
+def softmax_methods(sp: SPContext):
     return {
-        "LASP-2H": lambda q, k, v: allgather_attention(q, k, v, group=group),
-        "Ulysses": lambda q, k, v: ulysses_attention(q, k, v, group=group),
+        "LASP-2H": lambda q, k, v: allgather_attention_in_context(q, k, v, sp),
+        "Ulysses": lambda q, k, v: ulysses_attention_in_context(q, k, v, sp),
     }
 
 
@@ -70,7 +73,8 @@ def _measure(ctx, kind: str, total_len: int, repeats: int) -> list[dict]:
     v = torch.randn(1, T, H, D, generator=g)
     do = torch.randn(1, T, H, D, generator=g)
     log_decay = -torch.linspace(0.001, 0.05, H)
-    methods = linear_methods(ctx.world, log_decay) if kind == "linear" else softmax_methods(ctx.world)
+    sp = SPContext.build(ctx.world, local_len=T, device=ctx.device, agree=True)
+    methods = linear_methods(sp, log_decay) if kind == "linear" else softmax_methods(sp)
     times = {name: [] for name in methods}
     volumes: dict[str, dict] = {}
     for fn in methods.values():  # warm-up, also of gloo's connections
