@@ -61,17 +61,6 @@ from parallel.sp_context import (
 __all__ = ["RankSpans", "lasp2_attention", "lasp2_attention_in_context", "rank_spans"]
 
 
-def shard_spans(q, k, v, *, group: Group, log_decay: Tensor | None, cu_seqlens: Tensor | None) -> RankSpans:
-    """Validate this rank's shard of a sequence-parallel linear-attention call on this rank only
-    (host reads; no collective) and derive its spans, for an op without an SP context."""
-    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
-    return rank_spans(
-        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
-    )
-
-
 def validated_linear_context(
     op: str, q, k, v, *, group: Group, causal: bool, log_decay: Tensor | None, cu_seqlens: Tensor | None
 ) -> SPContext:
@@ -421,3 +410,12 @@ def lasp2_attention(
         "lasp2_attention", q, k, v, group=group, causal=causal, log_decay=log_decay, cu_seqlens=cu_seqlens
     )
     return lasp2_attention_in_context(q, k, v, sp, causal=causal, log_decay=log_decay, chunk_size=chunk_size)
+
+
+def __getattr__(name: str):
+    # re-export of the delta-rule op (parallel/lasp2_delta.py), lazily: that module imports this one
+    if name == "lasp2_delta_rule_attention":
+        from parallel.lasp2_delta import lasp2_delta_rule_attention
+
+        return lasp2_delta_rule_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -65,9 +65,6 @@ class RankSpans:
     local_cu_seqlens: Tensor | None
     """This rank's document boundaries [0, ..., T] on the device, or None when it holds one
     document piece."""
-    fingerprint: int
-    """A host hash of the bounds and lengths, for an op that folds the agreement check into its
-    own gather (LASP-2 and the ring no longer do: the context's one check covers them)."""
 
 
 def spans_from_bounds(
@@ -83,8 +80,7 @@ def spans_from_bounds(
     start, end = rank * local_len, (rank + 1) * local_len
     inner = [b - start for b in bounds if start < b < end]
     local_cu = None if not inner else to_device(torch.tensor([0, *inner, local_len], dtype=torch.int64), device)
-    fingerprint = hash((num_ranks, local_len, tuple(bounds))) & 0x7FFF_FFFF_FFFF_FFFF
-    return RankSpans(num_ranks, rank, local_len, continues, single, local_cu, fingerprint)
+    return RankSpans(num_ranks, rank, local_len, continues, single, local_cu)
 
 
 def rank_spans(cu_seqlens: Tensor | None, *, num_ranks: int, rank: int, local_len: int, device=None) -> RankSpans:
