@@ -54,15 +54,16 @@ def world_size_of(config: Config) -> int:
     return config.launch.nnodes * config.launch.nproc_per_node
 
 
-def check_ranks(config: Config, world: int) -> None:
-    """The plan's degrees and the expert-parallel size against ``world`` ranks."""
+def check_ranks(config: Config, world: int, cost: CostModel | None = None) -> None:
+    """The plan's degrees and the expert-parallel size against ``world`` ranks (a power of two
+    unless the cost model's ``group_sizes`` is 'any')."""
     ranks = f"{world} rank{'s' if world != 1 else ''}"
     shape = f"launch.nnodes={config.launch.nnodes} × launch.nproc_per_node={config.launch.nproc_per_node}"
-    if world & (world - 1):
+    if world & (world - 1) and getattr(cost, "group_sizes", "pow2") == "pow2":
         lower = 1 << (world.bit_length() - 1)
         raise PreflightError(
-            f"{shape} = {ranks}: the planner's SP groups need a power-of-two number of ranks; use {lower} or "
-            f"{lower * 2} ranks (e.g. --launch.nproc_per_node={lower})"
+            f"{shape} = {ranks}: the planner's SP groups (cost model group_sizes='pow2') need a power-of-two "
+            f"number of ranks; use {lower} or {lower * 2} ranks (e.g. --launch.nproc_per_node={lower})"
         )
     if config.planner.mode == "static" and config.planner.static_degree > world:
         raise PreflightError(
@@ -199,8 +200,7 @@ def early_checks(config: Config) -> None:
         world = 1  # one process alone
     check_files(config)
     if world is not None:
-        check_ranks(config, world)
-        resolve_cost(config, world)
+        check_ranks(config, world, resolve_cost(config, world))
     check_data(config, build_dataset(config.data, vocab_size=config.model.vocab_size))
     check_run_folder(config, world or 1, create=False)
     from runtime.run_dir import RunLock
@@ -218,9 +218,9 @@ def preflight(config: Config, *, world: int | None = None, report=print) -> None
     from runtime.run_dir import RunDirError, plan_resume
 
     world = world or world_size_of(config)
-    check_ranks(config, world)
     check_files(config)
     cost = resolve_cost(config, world)
+    check_ranks(config, world, cost)
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
     check_data(config, dataset)
     check_run_folder(config, world, create=False)

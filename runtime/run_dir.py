@@ -405,9 +405,8 @@ class RunFolder:
         from runtime.preflight import check_files, check_ranks, resolve_cost
 
         # deterministic checks: every rank reaches the same verdict without talking
-        check_ranks(self.config, self.ctx.world_size)
         check_files(self.config)
-        resolve_cost(self.config, self.ctx.world_size)
+        check_ranks(self.config, self.ctx.world_size, resolve_cost(self.config, self.ctx.world_size))
         # a torchrun elastic restart (a rank died) resumes from the last checkpoint by itself
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and self.ctx.rank == 0:
