@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moe.balance import BalanceTracker, SequenceLayout, sequence_ids
+from moe.balance import BalanceLoss, BalanceTracker, SequenceLayout, sequence_ids
 from moe.layer import MoELayer
 from moe.metrics import RoutingMetrics
 from moe.router import make_gru_cell
@@ -37,7 +38,7 @@ from parallel.softmax_sp import allgather_attention
 from parallel.ulysses import ulysses_attention, ulysses_linear_attention
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
 
-__all__ = ["HybridLM", "SPBatch", "build_model", "layer_kinds"]
+__all__ = ["HybridLM", "LMOutput", "SPBatch", "build_model", "layer_kinds"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,17 @@ class SPBatch:
     @classmethod
     def single(cls, cu_seqlens: Tensor | None = None) -> SPBatch:
         return cls(comm.SOLO, cu_seqlens, 0)
+
+
+class LMOutput(NamedTuple):
+    """What a forward pass returns: ``logits, balance = model(tokens, batch)``."""
+
+    logits: Tensor
+    """[B, T, vocab] logits of this rank's shard."""
+    balance: BalanceLoss
+    """The MoE balance (+ z) loss of this forward as a value (zero for a dense model): the step
+    takes ``balance.share(tokens=, sequences=)`` with the global batch's counts, a standalone
+    caller ``balance.value()``."""
 
 
 def layer_kinds(config: ModelConfig) -> list[str]:
@@ -247,6 +259,7 @@ class HybridLM(nn.Module):
             balance_coef=moe.balance_coef,
             z_loss_coef=moe.z_loss_coef,
             chain_iterations=moe.chain_iterations,
+            chain_norm_topk_prob=moe.chain_norm_topk_prob,
             shared_expert=moe.shared_expert,
             ep_size=moe.ep_size,
             ep_group=ep_group,
@@ -261,19 +274,13 @@ class HybridLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(
-        self,
-        tokens_BT: Tensor,
-        batch: SPBatch,
-        *,
-        token_normalizer: float | None = None,
-        num_sequences: float | None = None,
-        domains_T: Tensor | None = None,
-        valid_T: Tensor | None = None,
-    ) -> Tensor:
-        """Logits [B, T, vocab] of this rank's shard. MoE models: ``aux_loss()`` afterwards gives
-        the balance loss of this forward; ``token_normalizer`` / ``num_sequences`` (the global
-        batch's tokens / sequences) make it a share that sums exactly over ranks and micro-batches.
-        ``valid_T`` (False on padding) keeps padding tokens out of the balance loss and metrics."""
+        self, tokens_BT: Tensor, batch: SPBatch, *, domains_T: Tensor | None = None, valid_T: Tensor | None = None
+    ) -> LMOutput:
+        """Logits of this rank's shard and the MoE balance loss of this forward (``LMOutput``).
+        ``valid_T`` (False on padding; None when there is none) keeps padding tokens out of the
+        balance loss and metrics; ``domains_T`` labels tokens for the per-domain routing metric.
+        The gradient-accumulation buffer of the global balance loss is the step's to reset
+        (``tracker.begin_step()``, runtime/step.py ``train_step``)."""
         if self.tracker is not None:
             sequence = None
             if self.tracker.balance == "sequence":
@@ -281,10 +288,8 @@ class HybridLM(nn.Module):
                 seq_T = sequence_ids(batch.cu_seqlens, batch.offset, num_local, device=tokens_BT.device)
                 count = 1 if batch.cu_seqlens is None else batch.cu_seqlens.numel() - 1
                 group = None if group_size(batch.group) == 1 else batch.group
-                sequence = SequenceLayout(seq_T, count, group, num_sequences)
-            self.tracker.begin_microbatch(
-                token_normalizer=token_normalizer, sequence=sequence, domains_T=domains_T, valid_T=valid_T
-            )
+                sequence = SequenceLayout(seq_T, count, group)
+            self.tracker.begin_microbatch(sequence=sequence, domains_T=domains_T, valid_T=valid_T)
         x = self.embed(tokens_BT)
         router_state = None
         for block in self.blocks:
@@ -294,16 +299,10 @@ class HybridLM(nn.Module):
             else:
                 x, router_state = block(x, batch, router_state)
         x = self.norm(x)
-        return x @ self.embed.weight.T if self.head is None else self.head(x)
-
-    def aux_loss(self) -> Tensor:
-        """The MoE balance (+ z) loss of the last forward (0 for a dense model)."""
-        return torch.zeros(()) if self.tracker is None else self.tracker.loss()
-
-    def end_step(self) -> None:
-        """After each optimizer step: reset the global-balance GA buffer."""
-        if self.tracker is not None:
-            self.tracker.end_step()
+        logits = x @ self.embed.weight.T if self.head is None else self.head(x)
+        if self.tracker is None:
+            return LMOutput(logits, BalanceLoss.zero(logits.device))
+        return LMOutput(logits, self.tracker.result())  # zero under no_grad: evaluation only observes
 
 
 def build_model(

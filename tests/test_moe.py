@@ -225,7 +225,9 @@ def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
         for it, router in enumerate(layer.routers):
             probs = F.softmax(router.gate.weight.float() @ x_t.float(), dim=-1)
             top_p, top_e = probs.topk(layer.k_per_iteration)
-            if layer.k_per_iteration > 1:
+            # plain MoE renormalises top-k > 1; CoE iterations only with chain_norm_topk_prob
+            renormalize = layer.chain_iterations == 1 or layer.renormalize
+            if layer.k_per_iteration > 1 and renormalize:
                 top_p = top_p / top_p.sum()
             step = sum(p * experts[int(e)](x_t[None])[0] for p, e in zip(top_p, top_e, strict=True))
             if layer.shared_ffn is not None:
@@ -237,14 +239,33 @@ def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("chain,top_k,shared", [(1, 2, False), (1, 1, True), (2, 2, False), (2, 4, True)])
-def test_layer_equals_naive_reference(chain, top_k, shared):
+@pytest.mark.parametrize(
+    "chain,top_k,shared,norm",
+    [(1, 2, False, False), (1, 1, True, False), (2, 2, False, False), (2, 4, True, False), (2, 4, True, True)],
+)
+def test_layer_equals_naive_reference(chain, top_k, shared, norm):
     torch.manual_seed(0)
-    layer = MoELayer(16, 24, num_experts=6, top_k=top_k, chain_iterations=chain, shared_expert=shared)
+    layer = MoELayer(
+        16, 24, num_experts=6, top_k=top_k, chain_iterations=chain, shared_expert=shared, chain_norm_topk_prob=norm
+    )
     x = torch.randn(9, 16)
     y, state = layer(x)
     assert state is None
     assert rel_err(y, naive_moe(layer, x)) <= FP32_TOL
+
+
+def test_chain_uses_raw_topk_probabilities_by_default_like_the_reference():
+    """CoE reference (norm_topk_prob=false): iteration weights are the raw softmax probabilities;
+    renormalising them is an option and gives a different layer (checked against the naive CoE)."""
+    torch.manual_seed(0)
+    raw = MoELayer(16, 24, num_experts=6, top_k=4, chain_iterations=2)
+    normed = MoELayer(16, 24, num_experts=6, top_k=4, chain_iterations=2, chain_norm_topk_prob=True)
+    normed.load_state_dict(raw.state_dict())
+    x = torch.randn(9, 16)
+    y_raw, y_normed = raw(x)[0], normed(x)[0]
+    assert rel_err(y_raw, naive_moe(raw, x)) <= FP32_TOL
+    assert rel_err(y_normed, naive_moe(normed, x)) <= FP32_TOL
+    assert rel_err(y_raw, y_normed) > 0.01  # the two settings are different functions
 
 
 def test_chain_with_one_iteration_is_a_plain_moe_block():
@@ -261,9 +282,10 @@ def test_chain_with_one_iteration_is_a_plain_moe_block():
     assert rel_err(y, expected) <= FP32_TOL
 
 
-def test_layer_gradients_match_naive_reference():
+@pytest.mark.parametrize("norm", [False, True])
+def test_layer_gradients_match_naive_reference(norm):
     torch.manual_seed(0)
-    layer = MoELayer(8, 12, num_experts=4, top_k=2, chain_iterations=2, balance_coef=0.0)
+    layer = MoELayer(8, 12, num_experts=4, top_k=4, chain_iterations=2, balance_coef=0.0, chain_norm_topk_prob=norm)
     x = torch.randn(5, 8, requires_grad=True)
     layer(x)[0].pow(2).sum().backward()
     got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
@@ -318,8 +340,8 @@ def _train_step(checkpointing: bool, router: str, balance: str):
     tokens = torch.randint(0, 256, (1, 20), generator=g)
     cu = torch.tensor([0, 7, 20])
     domains = torch.tensor([0] * 7 + [1] * 13)
-    logits = model(tokens, SPBatch.single(cu), domains_T=domains)
-    loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:]) + model.aux_loss()
+    logits, balance = model(tokens, SPBatch.single(cu), domains_T=domains)
+    loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:]) + balance.value()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return loss.detach(), grads, model.tracker.buffer_counts_SE.clone(), model.routing_metrics.summary()
@@ -343,8 +365,8 @@ def test_eval_forward_observes_metrics_but_no_loss_statistics():
     moe = MoEConfig(num_experts=4, top_k=2)
     model = build_model(_tiny(2), ParallelConfig(), moe, domain_names=("a",))
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 6)), SPBatch.single(), domains_T=torch.zeros(6, dtype=torch.long))
-    assert model.aux_loss().item() == 0.0
+        _, balance = model(torch.randint(0, 256, (1, 6)), SPBatch.single(), domains_T=torch.zeros(6, dtype=torch.long))
+    assert balance.value().item() == 0.0
     assert model.tracker.buffer_tokens_S.sum() == 0
     assert model.routing_metrics.summary()["sites"][0]["tokens"] == 6
 
