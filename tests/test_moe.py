@@ -432,3 +432,26 @@ def test_bad_moe_config_names_the_field(field, value, match):
     setattr(moe, field, value)
     with pytest.raises(ConfigError, match=match):
         build_model(_tiny(), ParallelConfig(), moe)
+
+
+@pytest.mark.parametrize("balance", ["micro", "sequence", "global"])
+def test_balance_and_metrics_stay_on_the_routing_device(balance):
+    """On the ``meta`` device: a CPU tensor made by the tracker or the metrics would fail to mix
+    with the routing's, and a host read would raise (meta tensors hold no values)."""
+    meta = torch.device("meta")
+    metrics = RoutingMetrics(num_sites=2, num_experts=4, domain_names=("a", "b"))
+    tracker = BalanceTracker(num_experts=4, top_k=2, num_sites=2, balance=balance, z_loss_coef=1e-3, metrics=metrics)
+    logits = torch.empty(6, 4, device=meta, requires_grad=True)
+    long = {"dtype": torch.long, "device": meta}
+    tracker.begin_step()
+    tracker.begin_microbatch(
+        sequence=SequenceLayout(torch.zeros(6, **long), 2),
+        domains_T=torch.zeros(6, **long),
+        valid_T=torch.ones(6, dtype=torch.bool, device=meta),
+    )
+    for site in range(2):
+        tracker.record(site, route_topk(logits, 2))
+    loss = tracker.result().share(tokens=12.0, sequences=3.0)
+    assert loss.device == meta and tracker.buffer_counts_SE.device == meta
+    loss.backward()
+    assert logits.grad.device == meta and metrics.stats().device == meta
