@@ -245,8 +245,14 @@ def _step0_worker(rank: int, world: int, store: str, job: dict, queue) -> None:
 
 
 def stage_multiprocess(args, job: dict) -> dict:
-    job = {**job, "backend": "gloo"}
+    # ZeRO stage 0: the summed gradients stay in .grad, where they can be compared
+    config = load(
+        [*job["overrides"], "--train.zero_stage=0", "--parallel.backend=gloo", f"--parallel.device={job['device']}"]
+    )
+    job = {**job, "backend": "gloo", "config": config}
     runs = {w: spawn_ranks(w, _step0_worker, job) for w in (1, *args.worlds)}
+    if not runs[1]["grads"]:
+        raise RuntimeError("one process left no gradients in .grad: nothing to compare")
     ref = runs[1]
     result = {"tolerance": FP32_TOL, "worlds": {}, "skipped": []}
     if job["device"] == "cpu":
