@@ -455,3 +455,15 @@ def test_balance_and_metrics_stay_on_the_routing_device(balance):
     assert loss.device == meta and tracker.buffer_counts_SE.device == meta
     loss.backward()
     assert logits.grad.device == meta and metrics.stats().device == meta
+
+
+def test_layer_runs_under_bf16_autocast():
+    """Experts compute in bf16 under autocast; the combine keeps the residual stream's dtype."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, num_experts=4, top_k=2)
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
