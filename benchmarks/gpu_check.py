@@ -235,7 +235,8 @@ def _step0_worker(rank: int, world: int, store: str, job: dict, queue) -> None:
     batch = SimpleNamespace(sequences=sequences, domains=[i % 3 for i in range(len(LENGTHS))])
     plan = plan_step(LENGTHS, num_ranks=world, cost=cost, time_limit_s=5.0)
     result = train_step(model, engine, ctx, plan, batch, update=False)
-    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    # numpy, not tensors: a queued tensor travels as shared memory that dies with this process
+    grads = {n: p.grad.detach().float().cpu().numpy() for n, p in model.named_parameters() if p.grad is not None}
     if world > 1:
         dist.barrier(group=ctx.world)
     if rank == 0:
@@ -251,6 +252,8 @@ def stage_multiprocess(args, job: dict) -> dict:
     )
     job = {**job, "backend": "gloo", "config": config}
     runs = {w: spawn_ranks(w, _step0_worker, job) for w in (1, *args.worlds)}
+    for run in runs.values():
+        run["grads"] = {n: torch.from_numpy(g) for n, g in run["grads"].items()}
     if not runs[1]["grads"]:
         raise RuntimeError("one process left no gradients in .grad: nothing to compare")
     ref = runs[1]
@@ -286,7 +289,8 @@ def _telemetry_worker(rank: int, world: int, store: str, job: dict, queue) -> No
     from runtime.train import resolve_cost_model, train
 
     _env(rank, world)
-    os.environ.pop("MASTER_ADDR", None)  # one process: train() rendezvous through a file store
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)  # one process started without a launcher, as `seqmoe train` alone
     config = job["config"]
     train(config, report=lambda *a: None)
     rows = [json.loads(line) for line in (config.resolved_run_dir / "metrics.jsonl").read_text().splitlines()]
