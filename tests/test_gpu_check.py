@@ -23,7 +23,7 @@ def test_gpu_check_dry_mode_runs_every_stage_on_cpu(tmp_path):
     failed = {name: s.get("error") for name, s in stages.items() if not s["ok"]}
     assert done.returncode == 0 and not failed, (failed, done.stderr[-3000:])
     assert report["dry"] and all(s["skipped"] for s in stages.values())  # CUDA-only parts are named
-    assert len(stages["train_bf16"]["rows"]) == 2
+    assert len(stages["train_bf16"]["rows"]) == 2 and not stages["train_bf16"]["loss_trend_checked"]
     world2 = stages["multiprocess"]["worlds"]["2"]
     assert world2["max_grad_rel_err"] <= stages["multiprocess"]["tolerance"]
     assert all(n >= 0 for n in stages["syncs_memory"]["host_reads_per_step"])
