@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, time_fn, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, time_fn, write_json  # noqa: E402
 from parallel.fla_backend import fla_gated_backward_ok  # noqa: E402
 from parallel.linear_attention import chunk_linear_attention  # noqa: E402
 
@@ -55,7 +55,7 @@ def rel_rms(x, ref):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     args = parser.parse_args()
     result = {
         "machine": machine_info(),

@@ -26,14 +26,13 @@ Policies:
 
 Sequences are capped at min(192K, the longest sequence N ranks can hold), longer draws redrawn
 (FlexSP drops them). ZeRO shards the model states over all N ranks (the presets are built for
-N). Above ``--pod-ranks`` (512) ranks the cluster is planned as independent pods of that many
-ranks, each with its own share of the batch, and the step lasts as long as the slowest pod, for
-every policy alike: ``plan_step`` cuts micro-batches with an exact DP whose arrays are
-(K+1)^2 float64 for K sequences (planner/bucketing.cut_microbatches), i.e. 8.6 GB each for the
-32,768 sequences of 4096 ranks x 8; a whole-cluster solve reached 22 GB resident on this
-23 GB machine and was killed.
+N). Every cluster up to 4096 ranks is planned whole (``plan_step`` cuts micro-batches in
+O(M log K log S) and plans 4096 ranks x 8 sequences in well under a second of CPU time). With
+``--pod-ranks`` P smaller than N the cluster is planned as independent pods of P ranks, each
+with its own share of the batch, and the step lasts as long as the slowest pod, for every
+policy alike.
 
-Writes projection.json and projection.png under benchmarks/results/ (or --out-dir). Every
+Writes projection.json and projection.png under --out-dir (default runs/bench/). Every
 number except ``plan_wall_s`` is a cost-model prediction, not a measurement.
 """
 
@@ -50,7 +49,7 @@ from pathlib import Path
 # otherwise shadow the planner package)
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, RESULTS_DIR, machine_info, write_json  # noqa: E402
 from benchmarks.e2e import calibrated_cost  # noqa: E402
 from planner.baselines import batch_adaptive, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
@@ -248,7 +247,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 batch per case, Wikipedia only")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 512, 4096])
     parser.add_argument("--seqs-per-rank", type=int, default=8, help="global batch = this x ranks sequences")
     parser.add_argument(
@@ -262,7 +261,7 @@ def main() -> None:
         help=f"`seqmoe profile` JSON of the tiny-cpu model for {CPU_MODEL} (default: e2e_profile.json in --out-dir, "
         "else in benchmarks/results/)",
     )
-    parser.add_argument("--pod-ranks", type=int, default=512, help="plan larger clusters as pods of this many ranks")
+    parser.add_argument("--pod-ranks", type=int, default=4096, help="plan larger clusters as pods of this many ranks")
     parser.add_argument(
         "--time-limit", type=float, default=5.0, help="plan_step time limit per pod (s; FlexSP uses 5-15 s)"
     )

@@ -146,6 +146,8 @@ def run_plan(
     engine's backward (it gets the per-rank loss share; the caller scales for its reduction).
     Nothing is read back to the host: the sums stay on the device for the step's one reduction."""
     forward = forward or model
+    if plan.group_sizes == "any":  # groups that are not buddy blocks: made collectively, once
+        ctx.ensure_groups(g.ranks for micro in plan.microbatches for g in micro.groups)
     num_tokens = sum(len(s) for s in sequences)
     num_targets = sum(len(s) - 1 for s in sequences)
     device = ctx.device

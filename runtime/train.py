@@ -32,7 +32,9 @@ from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.config import Config, ConfigError, to_toml
 from runtime.data import build_dataset
 from runtime.model import HybridLM, build_model
-from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
+from runtime.outputs import RunOutputs, gpu_telemetry, plan_summary
+from runtime.progress import Progress
+from runtime.startup import startup_lines
 from runtime.step import evaluate_plan, train_step
 
 __all__ = [
@@ -49,8 +51,9 @@ class TrainingError(RuntimeError):
 
 
 def resolve_cost_model(config: Config, world_size: int) -> CostModel:
-    """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
-    hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
+    """``planner.cost_model``: a preset name, a JSON path, or auto (on CPU the model's FLOP-derived
+    coefficients with a budget from this machine's memory, planner.presets.cpu_cost_model; on a
+    GPU the hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
     spec = config.planner.cost_model
     if spec != "auto":
         try:
@@ -58,7 +61,12 @@ def resolve_cost_model(config: Config, world_size: int) -> CostModel:
         except CostSpecError as exc:
             raise ConfigError(f"config field `planner.cost_model`: {exc}") from None
     if not torch.cuda.is_available():
-        return CostModel.preset("tiny-cpu", world_size=world_size)
+        from planner.presets import HybridShape, cpu_cost_model
+
+        shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, config.launch.nproc_per_node)))
+        stage = config.train.zero_stage
+        return cpu_cost_model(shape, world_size=world_size, ranks_per_machine=per_machine, zero_stage=stage)
     import dataclasses
 
     cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
@@ -113,6 +121,7 @@ class StepPlanner:
         self.mode, self.ctx, self.cost, self.lengths_of = config.planner.mode, ctx, cost, lengths_of
         self.static_degree = config.planner.static_degree
         self.kwargs = {"time_limit_s": config.planner.time_limit_s, "solver": config.planner.solver}
+        self.kwargs["group_sizes"] = config.planner.group_sizes
         self.async_planner = None
         if ctx.rank == 0 and self.mode == "flexsp" and config.planner.async_plan:
             from planner.async_plan import AsyncPlanner
@@ -195,6 +204,9 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
         seed=t.seed,
         domain_names=dataset.domain_names,
     ).to(ctx.device)
+    if ctx.rank == 0:
+        for line in startup_lines(config, ctx, dataset, model, cost):
+            report(line)
     engine = build_engine(model, config)
     run_dir = config.resolved_run_dir
     # a torchrun elastic restart (a rank died) resumes from the last checkpoint by itself
@@ -207,7 +219,7 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
     if out is not None:
         (run_dir / "config.toml").write_text(to_toml(config))
     planner = StepPlanner(config, cost, ctx, lambda i: dataset.train_batch(i, t.seed).lengths)
-    progress = _progress(ctx, start, t.steps)
+    progress = Progress(start=start, steps=t.steps, log_every=t.log_every, enabled=ctx.rank == 0)
     bad_in_a_row, row = 0, {}
     try:
         for step in range(start, t.steps):
@@ -239,10 +251,7 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
             if ctx.rank == 0:
                 row["gpu"] = gpu_telemetry() or None
                 out.log(row)
-                progress.set_postfix_str(
-                    f"loss {loss:.3f} | {row['tokens_per_s']:.0f} tok/s | plan {plan_shape(row['plan'])}"
-                )
-                progress.update(1)
+                progress.update(row)
             if bad_in_a_row >= t.max_bad_steps:
                 raise TrainingError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
@@ -274,12 +283,6 @@ def _evaluate(model: HybridLM, ctx: ParallelContext, dataset, planner: StepPlann
         model.routing_metrics.reset()  # evaluation routing is not training routing
     loss_sum, targets = all_sum(ctx, [loss_sum, targets])
     return loss_sum / max(targets, 1.0)
-
-
-def _progress(ctx: ParallelContext, start: int, steps: int):
-    from tqdm import tqdm
-
-    return tqdm(total=steps, initial=start, desc="train", unit="step", disable=ctx.rank != 0, dynamic_ncols=True)
 
 
 def main_train(config: Config) -> int:
