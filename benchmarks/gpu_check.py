@@ -319,7 +319,8 @@ def stage_telemetry_budget(args, job: dict) -> dict:
     out = spawn_ranks(1, _telemetry_worker, {**job, "config": config})
     has_gpu = job["device"] != "cpu"
     telemetry_ok = all(t for t in out["gpu_telemetry"]) if has_gpu else True
-    budget_ok = out["auto_cost_model"] == ("hybrid-1b-h100" if has_gpu else "tiny-cpu")
+    # on a GPU "auto" is the hybrid-1b-h100 preset with the device's memory; on a CPU a CPU model
+    budget_ok = (out["auto_cost_model"] == "hybrid-1b-h100") == has_gpu and out["memory_budget_gb"] > 0
     out["skipped"] = [] if has_gpu else ["NVML telemetry (no GPU)", "device-memory budget (CPU preset)"]
     out["ok"] = telemetry_ok and budget_ok and out["rows"] == 2
     return out
