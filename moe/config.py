@@ -28,6 +28,9 @@ class MoEConfig:
     (chain_iterations = 1) renormalises top-k > 1 either way."""
     shared_expert: bool = False
     ep_size: int = 1
+    expert_compute: Literal["auto", "grouped", "loop"] = "auto"
+    """grouped: one grouped GEMM per projection over the local experts; loop: one expert at a time
+    (reference); auto: grouped on CUDA, loop on CPU (where it is faster)."""
 
     def validate(self) -> None:
         for name in ("num_experts", "top_k", "router_dim", "chain_iterations", "ep_size"):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from moe.balance import BALANCE_MODES, BalanceTracker, inside_backward
 from moe.chain import chain_of_experts
 from moe.deepspeed_adapter import DeepSpeedMoEModule, expert_parallel_group
-from moe.experts import ExpertMLP, dispatch_combine
+from moe.experts import EXPERT_COMPUTE, ExpertMLP, dispatch_combine
 from moe.router import GRURouter, LinearRouter, Routing, make_gru_cell
 from parallel.comm import Group, group_rank, group_size
 
@@ -79,6 +79,7 @@ class MoELayer(DeepSpeedMoEModule):
         chain_norm_topk_prob: bool = False,
         shared_expert: bool = False,
         ep_size: int = 1,
+        expert_compute: str = "auto",
         ep_group: Group | None = None,
         balance_group: Group | None = None,
         tracker: BalanceTracker | None = None,
@@ -96,6 +97,9 @@ class MoELayer(DeepSpeedMoEModule):
         )
         super().__init__(expert=ExpertMLP(d_model, hidden), num_experts=num_experts, ep_size=ep_size)
 
+        if expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute={expert_compute!r}: allowed {', '.join(EXPERT_COMPUTE)}")
+        self.expert_compute = expert_compute
         self.top_k, self.chain_iterations = top_k, chain_iterations
         # plain MoE: route_topk's rule (renormalise k > 1); CoE: the reference's raw probs unless asked
         self.renormalize = None if chain_iterations == 1 else chain_norm_topk_prob
@@ -163,6 +167,7 @@ class MoELayer(DeepSpeedMoEModule):
             local_experts=self.local_experts,
             num_experts=self.num_experts,
             ep_group=self.ep_group,
+            expert_compute=self.expert_compute,
         )
 
     def forward(self, x: Tensor, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

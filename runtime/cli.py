@@ -27,6 +27,7 @@ BENCH_SUITES = {
     "moe": ("moe.py", "MoE balance, router and Chain-of-Experts overheads and quality"),
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
     "projection": ("projection.py", "PROJECTED (cost-model) scaling of adaptive vs static SP to 4096 ranks"),
+    "kernels": ("kernels.py", "per-document vs packed softmax attention, grouped vs looped experts (CPU)"),
 }
 
 

@@ -244,6 +244,7 @@ class HybridLM(nn.Module):
             chain_norm_topk_prob=moe.chain_norm_topk_prob,
             shared_expert=moe.shared_expert,
             ep_size=moe.ep_size,
+            expert_compute=moe.expert_compute,
             ep_group=ep_group,
             tracker=self.tracker,
             layer_index=index,
