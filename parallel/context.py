@@ -98,10 +98,12 @@ class ParallelContext:
                 world_size=world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
-        return cls.from_initialized(backend=backend, device=device)
+        return cls.from_initialized(backend=backend, device=device, timeout_s=timeout_s)
 
     @classmethod
-    def from_initialized(cls, *, backend: str = "auto", device: str = "auto") -> ParallelContext:
+    def from_initialized(
+        cls, *, backend: str = "auto", device: str = "auto", timeout_s: float | None = None
+    ) -> ParallelContext:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call ParallelContext.initialize()")
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -114,14 +116,16 @@ class ParallelContext:
             torch.cuda.set_device(resolved_device)
         world = dist.group.WORLD if world_size > 1 else SOLO
         ctx = cls(rank, world_size, local_rank, resolved_device, actual_backend, world)
-        ctx._create_buddy_groups()
+        ctx._create_buddy_groups(timeout_s)
         return ctx
 
-    def _create_buddy_groups(self) -> None:
+    def _create_buddy_groups(self, timeout_s: float | None) -> None:
+        # new_group does not inherit the world's timeout (it defaults to 30 min): pass it on
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         world_ranks = tuple(range(self.world_size))
         for ranks in buddy_group_ranks(self.world_size):
             # new_group is collective over all ranks: everyone calls it, in this same order
-            group = self.world if ranks == world_ranks else dist.new_group(list(ranks))
+            group = self.world if ranks == world_ranks else dist.new_group(list(ranks), timeout=timeout)
             if self.rank in ranks:
                 self._groups[ranks] = group
 
