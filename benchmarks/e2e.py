@@ -17,7 +17,7 @@ conditions. Policies:
   skipped, and the JSON says why;
 - ``batch_adaptive``: the best single degree per batch (FlexSP-BatchAda).
 
-Cost model. Before training, ``planner.profile.profile_cost_model`` calibrates the time
+Cost model. Before training, ``runtime.profile.profile_cost_model`` calibrates the time
 coefficients (alpha1, alpha2, beta, all-gather bandwidth per degree) on the same model and W
 (about a minute; ``--cost-model PATH`` reuses a saved calibration). The memory side (activation
 MB per token, budget, model states) stays the ``tiny-cpu`` preset's synthetic cap (about 630
@@ -133,7 +133,7 @@ def build_config(args) -> Config:
 
 def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
     """(raw profile, cost model to plan with, calibration facts); see the module docstring."""
-    from planner.profile import profile_cost_model
+    from runtime.profile import profile_cost_model
 
     start = time.perf_counter()
     if args.cost_model:
@@ -145,7 +145,7 @@ def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
         )
         measured = result.cost
         info = {
-            "source": "planner.profile.profile_cost_model in this run",
+            "source": "runtime.profile.profile_cost_model in this run",
             "lengths": args.calibration_lengths,
             "repeats": args.calibration_repeats,
             "fit_points": result.points,

@@ -58,9 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
 from moe.metrics import max_violation  # noqa: E402
 from parallel import comm  # noqa: E402
+from parallel.sp_context import SPContext  # noqa: E402
 from runtime.config import DataConfig, ModelConfig, MoEConfig, ParallelConfig  # noqa: E402
 from runtime.data import build_dataset  # noqa: E402
-from runtime.model import SPBatch, build_model  # noqa: E402
+from runtime.model import build_model  # noqa: E402
 
 VARIANTS = {
     "micro": {"balance": "micro", "router": "linear", "chain_iterations": 1},
@@ -118,7 +119,8 @@ def split_even(items: list, parts: int) -> list[list]:
 def microbatch_loss(model, sequences, *, num_tokens: int, num_targets: int, domains_T=None) -> torch.Tensor:
     """This micro-batch's share of the step loss: CE summed / the global batch's targets + aux share."""
     tokens, targets, cu_seqlens = pack(sequences)
-    logits = model(tokens, SPBatch.single(cu_seqlens), token_normalizer=num_tokens, domains_T=domains_T)
+    sp = SPContext.single(tokens.shape[1], cu_seqlens.tolist(), device=tokens.device)
+    logits = model(tokens, sp, token_normalizer=num_tokens, domains_T=domains_T)
     ce = F.cross_entropy(logits[0], targets, ignore_index=IGNORE, reduction="sum") / num_targets
     return ce + model.aux_loss()  # under no_grad (evaluation) the tracker only observes: aux is 0
 

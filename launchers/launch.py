@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime.config import Config
+from launchers.config import LaunchJob
 
 __all__ = ["LaunchError", "check_program", "launch", "run_command", "train_program"]
 
@@ -49,7 +49,7 @@ def check_program(out_dir: str | Path, expected_world_size: int) -> list[str]:
 
 
 def launch(
-    config: Config,
+    config: LaunchJob,
     program: Sequence[str],
     *,
     script_name: str = "launch.sbatch",

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from launchers.config import LaunchConfig
 from launchers.launch import LaunchError
-from runtime.config import LaunchConfig
 
 __all__ = ["find_mpiexec", "mpirun_command", "mpirun_env"]
 

@@ -21,15 +21,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from launchers.config import LaunchJob
 from launchers.env import SLURM_PORT_BASE, SLURM_PORT_SPAN
 from launchers.launch import LaunchError
 from launchers.torchrun import TORCHRUN_ENV
-from runtime.config import Config
 
 __all__ = ["launch_slurm", "sbatch_script", "submit", "write_sbatch"]
 
 
-def sbatch_script(config: Config, program: Sequence[str], *, workdir: str | Path | None = None) -> str:
+def sbatch_script(config: LaunchJob, program: Sequence[str], *, workdir: str | Path | None = None) -> str:
     """The sbatch script that runs ``program`` (argv after ``python``) on every rank of the job."""
     settings = config.launch
     run_dir = config.resolved_run_dir.resolve()
@@ -77,7 +77,7 @@ def sbatch_script(config: Config, program: Sequence[str], *, workdir: str | Path
     return "\n".join(header + body) + "\n"
 
 
-def write_sbatch(config: Config, program: Sequence[str], path: str | Path) -> Path:
+def write_sbatch(config: LaunchJob, program: Sequence[str], path: str | Path) -> Path:
     """Write the script (and the run folder, where Slurm puts the job's output)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def submit(script: str | Path, *, wait: bool = False) -> tuple[int, str]:
 
 
 def launch_slurm(
-    config: Config, program: Sequence[str], *, script_name: str, wait: bool = False, dry_run: bool = False
+    config: LaunchJob, program: Sequence[str], *, script_name: str, wait: bool = False, dry_run: bool = False
 ) -> int:
     """Write ``<run dir>/<script_name>``; submit it if ``launch.submit`` (and not ``dry_run``)."""
     script = write_sbatch(config, program, config.resolved_run_dir / script_name)

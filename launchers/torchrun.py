@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from launchers.config import LaunchConfig
 from launchers.launch import LaunchError
-from runtime.config import LaunchConfig
 
 __all__ = ["TORCHRUN_ENV", "torchrun_command"]
 

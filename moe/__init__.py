@@ -1,22 +1,31 @@
 """Mixture-of-Experts: routers (linear, GRU recurrent), balance losses (micro, sequence,
-global-batch), Chain-of-Experts and a dropless MoE layer over DeepSpeed expert parallelism."""
+global-batch), Chain-of-Experts and a dropless MoE layer over DeepSpeed expert parallelism.
 
-from moe.balance import BalanceTracker, SequenceLayout, load_balancing_loss, sequence_load_balancing_loss, z_loss
-from moe.layer import MoELayer, expert_parallel_group
-from moe.metrics import RoutingMetrics
-from moe.router import GRURouter, LinearRouter, Routing, route_topk
+The names below load on first use, so ``moe.config`` (read by ``seqmoe config``) can be imported
+without importing torch and DeepSpeed.
+"""
 
-__all__ = [
-    "BalanceTracker",
-    "GRURouter",
-    "LinearRouter",
-    "MoELayer",
-    "Routing",
-    "RoutingMetrics",
-    "SequenceLayout",
-    "expert_parallel_group",
-    "load_balancing_loss",
-    "route_topk",
-    "sequence_load_balancing_loss",
-    "z_loss",
-]
+import importlib
+
+_EXPORTS = {
+    "BalanceTracker": "moe.balance",
+    "SequenceLayout": "moe.balance",
+    "load_balancing_loss": "moe.balance",
+    "sequence_load_balancing_loss": "moe.balance",
+    "z_loss": "moe.balance",
+    "MoELayer": "moe.layer",
+    "expert_parallel_group": "moe.layer",
+    "RoutingMetrics": "moe.metrics",
+    "GRURouter": "moe.router",
+    "LinearRouter": "moe.router",
+    "Routing": "moe.router",
+    "route_topk": "moe.router",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moe' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

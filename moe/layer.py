@@ -5,11 +5,10 @@
     y_TD, state = layer(x_TD)            # y is the FFN output (the block adds the residual)
     loss = lm_loss + layer.aux_loss()    # standalone; a model shares one tracker over layers
 
-The layer is a ``deepspeed.moe.layer.MoE`` so that DeepSpeed's engine treats it as one: expert
-parameters (under ``deepspeed_moe.experts``) are reduced over the expert-data-parallel group,
-saved per expert in checkpoints and split into MoE optimizer groups. Routing, balance and
-dispatch are ours (DeepSpeed's ``TopKGate`` has a rank-local capacity, a local-only l_aux and
-no recurrent router), so DeepSpeed's own ``__init__`` is not run.
+The layer is a ``deepspeed.moe.layer.MoE`` so that DeepSpeed's engine treats it as one (expert
+parameters reduced over the expert-data-parallel group, saved per expert, split into MoE
+optimizer groups); what that takes of DeepSpeed's internals is in ``moe/deepspeed_adapter.py``.
+Routing, balance and dispatch are ours.
 
 Expert parameters are initialised from a generator seeded by (seed, layer, global expert id):
 expert e gets the same weights whatever ``ep_size`` puts it on, which is what makes
@@ -20,16 +19,14 @@ identical experts.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import Tensor, nn
 
 from moe.balance import BALANCE_MODES, BalanceTracker, inside_backward
 from moe.chain import chain_of_experts
-from moe.experts import ExpertMLP, dispatch_combine, expert_group_name
+from moe.deepspeed_adapter import DeepSpeedMoEModule, expert_parallel_group
+from moe.experts import ExpertMLP, dispatch_combine
 from moe.router import GRURouter, LinearRouter, Routing, make_gru_cell
-from parallel.comm import SOLO, Group, group_rank, group_size
+from parallel.comm import Group, group_rank, group_size
 
 __all__ = ["MoELayer", "expert_parallel_group", "validate_moe_options"]
 
@@ -61,31 +58,7 @@ def validate_moe_options(
         raise ValueError(f"router_dim={router_dim} must be >= 1")
 
 
-def expert_parallel_group(ep_size: int) -> Group:
-    """This rank's expert-parallel group of ``ep_size`` consecutive ranks (SOLO for 1), created through
-    DeepSpeed (``ep_size_<n>``, with its expert-data-parallel partner groups). Creating the groups
-    is collective: every rank must call this with the same ``ep_size`` in the same order."""
-    if not dist.is_initialized():
-        if ep_size == 1:
-            return SOLO
-        raise ValueError(f"ep_size={ep_size} needs torch.distributed initialised (ParallelContext.initialize) first")
-    world = dist.get_world_size()
-    if world % ep_size:
-        raise ValueError(f"ep_size={ep_size} must divide the number of ranks ({world})")
-    import deepspeed
-    from deepspeed import comm as ds_comm
-    from deepspeed.utils import groups
-
-    if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    name = expert_group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        # ep_size 1 too: DeepSpeed's engine looks up the expert-data-parallel group of every expert
-        groups._create_expert_and_data_parallel(ep_size)
-    return SOLO if ep_size == 1 else groups._get_expert_parallel_group(name)
-
-
-class MoELayer(DeepSpeedMoE):
+class MoELayer(DeepSpeedMoEModule):
     """Top-k MoE FFN with a linear or GRU router, micro/sequence/global balance, C-iteration
     Chain-of-Experts and dropless expert parallelism. See the module docstring."""
 
@@ -111,7 +84,6 @@ class MoELayer(DeepSpeedMoE):
         layer_index: int = 0,
         seed: int = 0,
     ):
-        nn.Module.__init__(self)  # DeepSpeed's MoE.__init__ would build its own gate: see the module docstring
         validate_moe_options(
             num_experts=num_experts,
             top_k=top_k,
@@ -121,11 +93,7 @@ class MoELayer(DeepSpeedMoE):
             ep_size=ep_size,
             router_dim=router_dim,
         )
-        # the attributes DeepSpeed's engine reads from an MoE module
-        self.num_experts, self.ep_size = num_experts, ep_size
-        self.num_local_experts = num_experts // ep_size
-        self.expert_group_name = expert_group_name(ep_size)
-        self.enable_expert_tensor_parallelism = False
+        super().__init__(expert=ExpertMLP(d_model, hidden), num_experts=num_experts, ep_size=ep_size)
 
         self.top_k, self.chain_iterations = top_k, chain_iterations
         self.k_per_iteration = top_k // chain_iterations
@@ -142,8 +110,6 @@ class MoELayer(DeepSpeedMoE):
         if group_size(ep_group) != ep_size:
             raise ValueError(f"ep_group has {group_size(ep_group)} ranks but ep_size={ep_size}")
         self._ep_group = [ep_group]  # a list: process groups are not module state
-        self.deepspeed_moe = nn.Module()
-        self.deepspeed_moe.experts = Experts(ExpertMLP(d_model, hidden), self.num_local_experts, self.expert_group_name)
         # 'shared_ffn', not 'shared_expert': DeepSpeed saves every key containing 'expert' per expert
         self.shared_ffn = ExpertMLP(d_model, hidden) if shared_expert else None
 
@@ -167,10 +133,6 @@ class MoELayer(DeepSpeedMoE):
     def ep_group(self) -> Group:
         return self._ep_group[0]
 
-    @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.deepspeed_moe.experts.deepspeed_experts
-
     def global_expert_ids(self) -> list[int]:
         first = group_rank(self.ep_group) * self.num_local_experts
         return list(range(first, first + self.num_local_experts))
@@ -186,11 +148,6 @@ class MoELayer(DeepSpeedMoE):
             with torch.no_grad():
                 for param in expert.parameters():
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, *args, **kwargs) -> None:
-        """Called by DeepSpeed's engine; our groups already exist (made in ``__init__``)."""
-        if use_data_before_expert_parallel_:
-            raise ValueError("use_data_before_expert_parallel_ is not supported: EP groups are consecutive ranks")
 
     def site(self, iteration: int) -> int:
         return self.layer_index * self.chain_iterations + iteration

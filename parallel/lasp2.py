@@ -22,16 +22,19 @@ and autograd over the rank-local pieces turns these into dq, dk, dv, d(log_decay
 
 Communication per rank and layer: (W-1) * B*H*dk*dv elements sent and received in forward and
 the same in backward (twice that for bidirectional attention with decay or documents, plus
-B*H values of g per rank for per-token decay), plus an 8-byte fingerprint per rank in forward
-that checks that every rank was given the same cu_seqlens. Independent of the sequence length.
+B*H values of g per rank for per-token decay). Independent of the sequence length.
+
+Entry points: ``lasp2_attention_in_context`` takes the micro-batch's ``SPContext``
+(parallel/sp_context.py: spans, device cu_seqlens, one agreement check per micro-batch) and
+reads nothing back from the device. ``lasp2_attention`` (the public API) is its validating
+wrapper for direct callers: it reads cu_seqlens back and runs one agreement all-gather of 12
+int64 per rank per call (``sp_context.check_shards_agree``) before the two state gathers.
 
 The phases are plain functions so that tests can run W ranks in one process (fp64) through the
 same code, with the all-gather simulated by a stack.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -47,69 +50,35 @@ from parallel.linear_attention import (
     last_segment_state,
     validate_linear_attention_inputs,
 )
+from parallel.sp_context import (
+    RankSpans,
+    SPContext,
+    check_shards_agree,
+    rank_spans,
+    validate_packed_cu_seqlens,
+)
 
-__all__ = ["RankSpans", "lasp2_attention", "rank_spans"]
-
-
-# --------------------------------------------------------------------------------------------
-# Where documents and rank cuts fall.
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RankSpans:
-    """What every rank of an SP group knows about rank cuts and documents."""
-
-    num_ranks: int
-    rank: int
-    local_len: int
-    continues: tuple[bool, ...]
-    """continues[u]: rank u's first token continues a document that began on an earlier rank."""
-    single: tuple[bool, ...]
-    """single[u]: no document starts strictly inside rank u (its span is one document piece)."""
-    local_cu_seqlens: Tensor | None
-    """This rank's document boundaries [0, ..., T], or None when it holds one document piece."""
-    fingerprint: int
-    """A hash of everything above that must agree across ranks (checked in the all-gather)."""
+__all__ = ["RankSpans", "lasp2_attention", "lasp2_attention_in_context", "rank_spans"]
 
 
-def rank_spans(cu_seqlens: Tensor | None, *, num_ranks: int, rank: int, local_len: int, device=None) -> RankSpans:
-    """Derive this rank's view of the packed sequence from the global ``cu_seqlens``."""
-    total = num_ranks * local_len
-    if cu_seqlens is None:
-        bounds = [0, total]
-    else:
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-            )
-        bounds = [int(x) for x in cu_seqlens.tolist()]
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at the packed length W*T = {num_ranks}*{local_len} = {total} "
-                f"(it describes the whole sequence, identical on every rank); got {bounds[:4]}...{bounds[-2:]}"
-            )
-        if any(b <= a for a, b in zip(bounds, bounds[1:])):
-            raise ValueError("cu_seqlens must be strictly increasing (no empty documents)")
-    starts = set(bounds[:-1])
-    continues = tuple(u > 0 and u * local_len not in starts for u in range(num_ranks))
-    single = tuple(not any(u * local_len < b < (u + 1) * local_len for b in bounds[1:-1]) for u in range(num_ranks))
-    start, end = rank * local_len, (rank + 1) * local_len
-    inner = [b - start for b in bounds if start < b < end]
-    local_cu = None if not inner else torch.tensor([0, *inner, local_len], dtype=torch.int64, device=device)
-    fingerprint = hash((num_ranks, local_len, tuple(bounds))) & 0x7FFF_FFFF_FFFF_FFFF
-    return RankSpans(num_ranks, rank, local_len, continues, single, local_cu, fingerprint)
-
-
-def shard_spans(q, k, v, *, group: Group, log_decay: Tensor | None, cu_seqlens: Tensor | None) -> RankSpans:
-    """Validate this rank's shard of a sequence-parallel linear-attention call (before any
-    collective) and derive its spans; shared by LASP-2 and the LASP-1 ring."""
-    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (packed documents), got q of shape {tuple(q.shape)}")
-    return rank_spans(
-        cu_seqlens, num_ranks=comm.group_size(group), rank=comm.group_rank(group), local_len=q.shape[1], device=q.device
+def validated_linear_context(
+    op: str, q, k, v, *, group: Group, causal: bool, log_decay: Tensor | None, cu_seqlens: Tensor | None
+) -> SPContext:
+    """The public wrappers' checks (shared by LASP-2 and the LASP-1 ring): this rank's shard
+    (host reads of cu_seqlens and the decay's range), then one agreement all-gather, so that
+    every rank raises the same ValueError before any state travels; returns the shard's context."""
+    size = comm.group_size(group)
+    problem, bounds = None, None
+    try:
+        validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
+        bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q.shape[0], total_tokens=size * q.shape[1])
+    except ValueError as exc:
+        problem = f"{op}: {exc}"
+    kind = 0 if problem is not None or log_decay is None else log_decay.dim()
+    check_shards_agree(
+        op, q, k, v, causal=causal, bounds=bounds, extra=("log_decay kind", kind), problem=problem, group=group
     )
+    return SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +107,7 @@ def local_states(k, v, log_decay, spans: RankSpans, causal: bool) -> tuple[Tenso
     F is None for causal attention and the very tensor E when they coincide (bidirectional, no
     decay, no documents): autograd then sums the gradients that reach E through both roles."""
     B, T, H, _ = k.shape
-    E_BHKV, _ = last_segment_state(k, v, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens)
+    E_BHKV, _ = last_segment_state(k, v, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, check=False)
     if causal:
         F_BHKV = None
     elif _first_span_state_is_last(log_decay, spans):
@@ -230,38 +199,23 @@ def state_input_grads(S_in, R_in, H_next, J_prev, gamma_t, spans: RankSpans):
 
 
 # --------------------------------------------------------------------------------------------
-# Packing of the all-gathered payload: states, per-token decay totals, fingerprint.
+# Packing of the all-gathered payload: states and per-token decay totals.
 # --------------------------------------------------------------------------------------------
 
 
-def _fingerprint_tensor(spans: RankSpans, dtype: torch.dtype, device) -> Tensor:
-    # an int64 reinterpreted as float bits: the all-gather copies bytes, so it arrives intact
-    return torch.tensor([spans.fingerprint], dtype=torch.int64, device=device).view(dtype)
-
-
-def pack_states(E, F, g, per_token_decay: bool, spans: RankSpans, f_is_e: bool = False) -> Tensor:
-    """[E, F (unless absent or equal to E), g (per-token decay only), fingerprint], flat."""
+def pack_states(E, F, g, per_token_decay: bool, f_is_e: bool = False) -> Tensor:
+    """[E, F (unless absent or equal to E), g (per-token decay only)], flat."""
     parts = [E.reshape(-1)]
     if F is not None and not f_is_e:
         parts.append(F.reshape(-1))
     if per_token_decay:
         parts.append(g.reshape(-1))
-    return torch.cat(parts + [_fingerprint_tensor(spans, E.dtype, E.device)])
+    return torch.cat(parts)
 
 
-def unpack_states(
-    payload_W: Tensor, E: Tensor, has_F: bool, f_is_e: bool, per_token_decay: bool, g_local: Tensor, spans: RankSpans
-):
-    """Split [W, n] gathered payloads into E_W, F_W, gamma_W (the layout of ``pack_states``),
-    and check that every rank was given the same documents."""
+def unpack_states(payload_W: Tensor, E: Tensor, has_F: bool, f_is_e: bool, per_token_decay: bool, g_local: Tensor):
+    """Split [W, n] gathered payloads into E_W, F_W, gamma_W (the layout of ``pack_states``)."""
     W, n_state = payload_W.shape[0], E.numel()
-    width = _fingerprint_tensor(spans, E.dtype, E.device).numel()
-    prints = payload_W[:, -width:].contiguous().view(torch.int64).reshape(W).tolist()
-    if len(set(prints)) != 1:
-        raise ValueError(
-            "LASP-2: ranks of one SP group were given different cu_seqlens (or local lengths): the "
-            "packed sequence's document boundaries must be identical on every rank of the group"
-        )
     E_W = payload_W[:, :n_state].reshape(W, *E.shape)
     offset = n_state
     F_W = E_W if has_F else None
@@ -313,14 +267,22 @@ def forward_pre(leaves, spans: RankSpans, causal: bool):
         E, F, g = local_states(k, v, log_decay, spans, causal)
     per_token = log_decay is not None and log_decay.dim() == 3
     F_data = None if F is None else F.detach()
-    payload = pack_states(E.detach(), F_data, g.detach(), per_token, spans, f_is_e=F is E)
+    payload = pack_states(E.detach(), F_data, g.detach(), per_token, f_is_e=F is E)
     return payload, (E, F, g)
 
 
 def local_attention(q, k, v, log_decay, spans: RankSpans, causal: bool, chunk_size: int) -> Tensor:
     """Attention among this rank's own tokens (all of it when the group has one rank)."""
+    # check=False: the inputs were checked by the public wrapper or come from an SP context
     o, _ = chunk_linear_attention(
-        q, k, v, causal=causal, log_decay=log_decay, cu_seqlens=spans.local_cu_seqlens, chunk_size=chunk_size
+        q,
+        k,
+        v,
+        causal=causal,
+        log_decay=log_decay,
+        cu_seqlens=spans.local_cu_seqlens,
+        chunk_size=chunk_size,
+        check=False,
     )
     return o
 
@@ -338,7 +300,7 @@ def forward_post(leaves, o_intra, payload_W, states, spans: RankSpans):
     q, _, _, log_decay = leaves
     E, F, g = states
     per_token = log_decay is not None and log_decay.dim() == 3
-    E_W, F_W, gamma_W = unpack_states(payload_W, E.detach(), F is not None, F is E, per_token, g.detach(), spans)
+    E_W, F_W, gamma_W = unpack_states(payload_W, E.detach(), F is not None, F is E, per_token, g.detach())
     S_in, R_in = scan_states(E_W, F_W, gamma_W, spans)
     with torch.enable_grad():
         o = o_intra + inter_output(q, log_decay, S_in, R_in, spans).to(o_intra.dtype)
@@ -401,6 +363,23 @@ class _Lasp2Function(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def lasp2_attention_in_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sp: SPContext,
+    *,
+    causal: bool = True,
+    log_decay: Tensor | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """:func:`lasp2_attention` over the micro-batch's context ``sp`` (group, spans, documents);
+    validates nothing and reads nothing back from the device: one all-gather forward, one backward."""
+    if sp.num_ranks == 1:
+        return local_attention(q, k, v, log_decay, sp.spans, causal, chunk_size)
+    return _Lasp2Function.apply(q, k, v, log_decay, sp.group, sp.spans, causal, chunk_size)
+
+
 def lasp2_attention(
     q: Tensor,
     k: Tensor,
@@ -424,9 +403,10 @@ def lasp2_attention(
             on every rank (B must be 1); states reset at each boundary.
 
     Returns ``[B, T, H, dv]``: this rank's shard of the output, equal to the single-device
-    ``linear_attention`` of the whole sequence.
+    ``linear_attention`` of the whole sequence. Validates its inputs (host reads) and checks
+    that the ranks agree (one all-gather of 12 int64), then runs :func:`lasp2_attention_in_context`.
     """
-    spans = shard_spans(q, k, v, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
-    if spans.num_ranks == 1:
-        return local_attention(q, k, v, log_decay, spans, causal, chunk_size)
-    return _Lasp2Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)
+    sp = validated_linear_context(
+        "lasp2_attention", q, k, v, group=group, causal=causal, log_decay=log_decay, cu_seqlens=cu_seqlens
+    )
+    return lasp2_attention_in_context(q, k, v, sp, causal=causal, log_decay=log_decay, chunk_size=chunk_size)

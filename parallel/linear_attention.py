@@ -365,6 +365,7 @@ def chunk_linear_attention(
     output_final_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    check: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked linear attention, differentiable in q, k, v, log_decay and initial_state.
 
@@ -375,8 +376,15 @@ def chunk_linear_attention(
     ``"fla"`` (flash-linear-attention's Triton kernel; CUDA, causal only) or ``"auto"``: fla for
     causal bf16/fp16 inputs on CUDA when fla is installed, else torch. fp32 inputs stay on torch
     under auto because fla's kernels may use TF32 products.
+
+    ``check=False`` skips the input checks, which read values back from the device (the
+    decay's range, cu_seqlens); for callers that checked them already, such as the SP ops'
+    context path.
     """
-    validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state)
+    if check:
+        validate_linear_attention_inputs(
+            q, k, v, log_decay=log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state
+        )
     _check_bidirectional_args(causal, initial_state, output_final_state)
     if _use_fla(backend, causal, q, k, v, log_decay):
         return fla_chunk_linear_attention(
@@ -440,7 +448,7 @@ def linear_attention(
 
 
 def last_segment_state(
-    k: Tensor, v: Tensor, *, log_decay: Tensor | None = None, cu_seqlens: Tensor | None = None
+    k: Tensor, v: Tensor, *, log_decay: Tensor | None = None, cu_seqlens: Tensor | None = None, check: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``(E [B,H,dk,dv], log_gamma [B,H])`` of this span, in the compute dtype.
 
@@ -451,9 +459,13 @@ def last_segment_state(
 
     A document starting exactly at token 0 cannot be expressed by cu_seqlens: the caller, who
     knows the global boundaries, must then drop the incoming state itself.
+
+    ``check=False`` skips the input checks, which read values back from the device (the SP
+    ops' context path has checked them once per micro-batch).
     """
-    _validate_qkv(k, k, v, q_name="k")
-    _validate_extras(k, v, log_decay=log_decay, cu_seqlens=cu_seqlens)
+    if check:
+        _validate_qkv(k, k, v, q_name="k")
+        _validate_extras(k, v, log_decay=log_decay, cu_seqlens=cu_seqlens)
     B, T, H, _ = k.shape
     cdt = compute_dtype(k.dtype)
     a_BTH = decay_BTH(log_decay, B, T, H, cdt, k.device)
@@ -476,7 +488,8 @@ def _suffix_decays(a_BTH: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _only_last_document(x_BTH: Tensor, cu_seqlens: Tensor) -> Tensor:
-    in_last_T = torch.arange(x_BTH.shape[1], device=x_BTH.device) >= int(cu_seqlens[-2])
+    # compared on the device: int(cu_seqlens[-2]) would be a device->host read
+    in_last_T = torch.arange(x_BTH.shape[1], device=x_BTH.device) >= cu_seqlens[-2]
     return torch.where(in_last_T[None, :, None], x_BTH, _NEG_INF)
 
 
@@ -521,7 +534,7 @@ def first_segment_decay(
         device = src.device if src is not None else None
     b_BTH = decay_BTH(log_decay, B, T, H, dtype, device).cumsum(1)
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
-        in_first_T = torch.arange(T, device=b_BTH.device) < int(cu_seqlens[1])
+        in_first_T = torch.arange(T, device=b_BTH.device) < cu_seqlens[1]
         b_BTH = torch.where(in_first_T[None, :, None], b_BTH, _NEG_INF)
     return b_BTH
 

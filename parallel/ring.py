@@ -10,6 +10,10 @@ in the opposite directions for the gradients H and J.
 Communication per rank and layer: one state of B*H*dk*dv elements received from the left and
 one sent to the right per chain, forward and backward: about the bytes of LASP-2's gather
 divided by W-1 per rank, but in W-1 dependent steps (latency grows with W).
+
+``lasp1_attention_in_context`` takes the micro-batch's ``SPContext`` and reads nothing back;
+``lasp1_attention`` (the public API) validates and, unless ``check_documents=False``, runs the
+agreement all-gather of 12 int64 per rank first (the ring has no collective to fold it into).
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from parallel.lasp2 import (
     leaf_inputs,
     local_attention,
     output_state_grads,
-    shard_spans,
     state_input_grads,
     sum_grads,
+    validated_linear_context,
 )
+from parallel.linear_attention import validate_linear_attention_inputs
+from parallel.sp_context import SPContext, validate_packed_cu_seqlens
 
-__all__ = ["lasp1_attention"]
+__all__ = ["lasp1_attention", "lasp1_attention_in_context"]
 
 
 def _chain(local: Tensor, spans: RankSpans, *, group: Group, rightward: bool, combine) -> Tensor:
@@ -102,16 +108,21 @@ class _Lasp1Function(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _check_same_documents(spans: RankSpans, group: Group, device) -> None:
-    """One 8-byte all-gather: every rank must hold the same cu_seqlens (LASP-2 folds this check
-    into its state gather; the ring has no collective to fold it into)."""
-    fingerprint = torch.tensor([spans.fingerprint], dtype=torch.int64, device=device)
-    prints_W, _ = comm.dist_all_gather(fingerprint, group=group)
-    if len(set(prints_W.reshape(-1).tolist())) != 1:
-        raise ValueError(
-            "LASP-1: ranks of one SP group were given different cu_seqlens (or local lengths): the "
-            "packed sequence's document boundaries must be identical on every rank of the group"
-        )
+def lasp1_attention_in_context(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sp: SPContext,
+    *,
+    causal: bool = True,
+    log_decay: Tensor | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """:func:`lasp1_attention` over the micro-batch's context ``sp``; validates nothing and
+    reads nothing back from the device."""
+    if sp.num_ranks == 1:
+        return local_attention(q, k, v, log_decay, sp.spans, causal, chunk_size)
+    return _Lasp1Function.apply(q, k, v, log_decay, sp.group, sp.spans, causal, chunk_size)
 
 
 def lasp1_attention(
@@ -128,11 +139,16 @@ def lasp1_attention(
 ) -> Tensor:
     """Linear attention over ``group`` with the LASP-1 ring; same contract as ``lasp2_attention``.
 
-    ``check_documents=False`` skips the extra 8-byte all-gather that verifies cu_seqlens agree
-    across ranks (benchmarks use it to time the ring alone)."""
-    spans = shard_spans(q, k, v, group=group, log_decay=log_decay, cu_seqlens=cu_seqlens)
-    if spans.num_ranks == 1:
-        return local_attention(q, k, v, log_decay, spans, causal, chunk_size)
-    if check_documents and cu_seqlens is not None:
-        _check_same_documents(spans, group, q.device)
-    return _Lasp1Function.apply(q, k, v, log_decay, group, spans, causal, chunk_size)
+    ``check_documents=False`` skips the agreement all-gather (12 int64 per rank) that makes every
+    rank raise the same ValueError when the ranks' shapes or cu_seqlens differ; the inputs are
+    then only checked on this rank."""
+    if check_documents:
+        sp = validated_linear_context(
+            "lasp1_attention", q, k, v, group=group, causal=causal, log_decay=log_decay, cu_seqlens=cu_seqlens
+        )
+    else:
+        validate_linear_attention_inputs(q, k, v, log_decay=log_decay, cu_seqlens=None)
+        total = comm.group_size(group) * q.shape[1]
+        bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q.shape[0], total_tokens=total)
+        sp = SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
+    return lasp1_attention_in_context(q, k, v, sp, causal=causal, log_decay=log_decay, chunk_size=chunk_size)

@@ -25,11 +25,13 @@ Communication per rank and call, with n = B*T*H_kv*(D + D_v)*elem_bytes the loca
 
 * forward all-gather of K|V: (W-1)*n sent and (W-1)*n received;
 * backward reduce-scatter of dK|dV: (W-1)*n sent and (W-1)*n received;
-* forward agreement check: an all-gather of 12 int64 (a validity flag and a fingerprint of the
-  shapes, dtype, causal, scale and cu_seqlens), (W-1)*96 bytes each way. Every rank raises the
-  same ValueError when any rank's inputs are invalid or the ranks disagree, so a bad input can
-  never leave the other ranks waiting in the K/V gather. Reading the result is a host sync,
-  which costs little right before the K/V gather that the compute waits for anyway.
+* the public ``allgather_attention`` only: a forward agreement check, an all-gather of 12 int64
+  (a validity flag and a fingerprint of the shapes, dtype, causal, scale and cu_seqlens),
+  (W-1)*96 bytes each way. Every rank raises the same ValueError when any rank's inputs are
+  invalid or the ranks disagree, so a bad input can never leave the other ranks waiting in the
+  K/V gather. Its shared pieces live in parallel/sp_context.py.
+* ``allgather_attention_in_context`` (the runtime's path) takes the micro-batch's ``SPContext``,
+  whose one agreement check covers the whole model: no check per layer and no host read.
 
 Memory: the gathered K/V buffer holds W*n bytes (O(N)); the boolean mask of the visible key
 window is (H_q/H_kv)*T*window bytes (the query heads of a GQA group are folded into the query
@@ -42,8 +44,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import struct
-import zlib
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +51,17 @@ from torch import Tensor
 
 from parallel import comm
 from parallel.comm import Group
+from parallel.sp_context import (
+    SPContext,
+    check_group_agreement,
+    check_shards_agree,
+    shard_fingerprint,
+    validate_packed_cu_seqlens,
+)
 
 __all__ = [
     "allgather_attention",
+    "allgather_attention_in_context",
     "allgather_attention_local",
     "check_group_agreement",
     "check_shards_agree",
@@ -111,33 +119,6 @@ def _resolve_scale(scale: object, head_dim: int) -> float:
     return float(scale)
 
 
-def validate_packed_cu_seqlens(cu_seqlens: object, *, batch: int, total_tokens: int) -> list[int] | None:
-    """Check the packed sequence's document boundaries ``[0, ..., total_tokens]``; return them as ints."""
-    if cu_seqlens is None:
-        return None
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dim() != 1:
-        raise ValueError(f"cu_seqlens must be 1-D [num_docs + 1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"cu_seqlens must have an integer dtype (int32 or int64), got {cu_seqlens.dtype}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (documents are packed along tokens), got batch {batch}")
-    bounds = cu_seqlens.tolist()
-    if len(bounds) < 2:
-        raise ValueError(f"cu_seqlens must have at least 2 entries [0, ..., {total_tokens}], got {bounds}")
-    if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
-    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"cu_seqlens must be strictly increasing (no empty documents), got {bounds}")
-    if bounds[-1] != total_tokens:
-        raise ValueError(
-            f"cu_seqlens must end at the packed sequence's length {total_tokens} (group size x local tokens), "
-            f"got {bounds[-1]}"
-        )
-    return bounds
-
-
 def validate_attention_shards(
     q: object, k: object, v: object, *, group_size: int, cu_seqlens: object, scale: object
 ) -> tuple[list[int] | None, float]:
@@ -146,101 +127,6 @@ def validate_attention_shards(
     _check_shapes(q, k, v, same_tokens=True)
     bounds = validate_packed_cu_seqlens(cu_seqlens, batch=q.shape[0], total_tokens=group_size * q.shape[1])
     return bounds, _resolve_scale(scale, q.shape[3])
-
-
-# ----------------------------------------------------------------------------- cross-rank agreement
-
-
-def _fingerprint_names(extra_name: str) -> tuple[str, ...]:
-    return (
-        "batch",
-        "local tokens",
-        "q heads",
-        "k/v heads",
-        "qk head dim",
-        "v head dim",
-        "dtype",
-        "causal",
-        extra_name,
-        "cu_seqlens length",
-        "cu_seqlens checksum",
-    )
-
-
-def shard_fingerprint(
-    q: Tensor | None,
-    k: Tensor | None,
-    v: Tensor | None,
-    *,
-    causal: bool,
-    bounds: list[int] | None,
-    extra: tuple[str, int | float],
-) -> dict[str, int]:
-    """What every rank of a group must agree on, as ints; all zeros when q is None (invalid shard).
-
-    ``extra`` is one op-specific (name, value) pair such as the scale (a float is sent as its bits).
-    """
-    names = _fingerprint_names(extra[0])
-    if q is None or k is None or v is None:
-        return dict.fromkeys(names, 0)
-    extra_value = _float_bits(extra[1]) if isinstance(extra[1], float) else int(extra[1])
-    # crc32 of the boundaries' bytes: stable across processes (unlike hash()) and O(1) to send
-    cu = (0, 0) if bounds is None else (len(bounds), zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds)))
-    values = (*q.shape[:3], k.shape[2], q.shape[3], v.shape[3], zlib.crc32(str(q.dtype).encode()), int(causal))
-    return dict(zip(names, (*values, extra_value, *cu)))
-
-
-def check_group_agreement(
-    op: str, fields: dict[str, int], problem: str | None, *, group: Group, device: torch.device
-) -> None:
-    """Raise one ValueError on every rank of ``group`` if any rank's inputs are invalid or differ.
-
-    Every rank gathers (validity flag, fields) as int64 before raising, also a rank whose own
-    inputs are invalid: the ranks leave together, so none is left waiting in a later collective.
-    ``fields`` must have the same length on every rank.
-    """
-    if comm.group_size(group) == 1:
-        if problem is not None:
-            raise ValueError(problem)
-        return
-    local = torch.tensor([int(problem is not None), *fields.values()], dtype=torch.int64, device=device)
-    rows_W, _ = comm.dist_all_gather(local, group=group)
-    rows = rows_W.tolist()
-    if problem is not None:
-        raise ValueError(problem)
-    invalid = [rank for rank, row in enumerate(rows) if row[0]]
-    if invalid:
-        raise ValueError(f"{op}: invalid inputs on group rank(s) {invalid} (their error names the argument)")
-    for column, name in enumerate(fields, start=1):
-        values = [row[column] for row in rows]
-        if len(set(values)) > 1:
-            raise ValueError(
-                f"{op}: the ranks of the group disagree on {name}, which must be identical on every rank; "
-                f"values by group rank: {values}"
-            )
-
-
-def check_shards_agree(
-    op: str,
-    q: object,
-    k: object,
-    v: object,
-    *,
-    causal: bool,
-    bounds: list[int] | None,
-    extra: tuple[str, int | float],
-    problem: str | None,
-    group: Group,
-) -> None:
-    """:func:`check_group_agreement` on the :func:`shard_fingerprint` of this rank's shard."""
-    valid = problem is None
-    fields = shard_fingerprint(q if valid else None, k, v, causal=causal, bounds=bounds, extra=extra)
-    device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    check_group_agreement(op, fields, problem, group=group, device=device)
-
-
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 # ----------------------------------------------------------------------------- local compute
@@ -337,6 +223,23 @@ def allgather_attention_local(
 # ----------------------------------------------------------------------------- the SP op
 
 
+def allgather_attention_in_context(
+    q: Tensor, k: Tensor, v: Tensor, sp: SPContext, *, causal: bool = True, scale: float | None = None
+) -> Tensor:
+    """:func:`allgather_attention` over the micro-batch's context ``sp`` (group, host document
+    bounds, this shard's offset); validates nothing and reads nothing back from the device: one
+    all-gather of K|V forward, its reduce-scatter backward."""
+    scale_value = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    if sp.num_ranks == 1:
+        k_full, v_full = k, v
+    else:
+        kv_full = comm.all_gather(torch.cat([k, v], dim=3), group=sp.group, dim=1)
+        k_full, v_full = kv_full.split([k.shape[3], v.shape[3]], dim=3)
+    return packed_attention(
+        q, k_full, v_full, q_offset=sp.offset, causal=causal, bounds=sp.bounds_list, scale=scale_value
+    )
+
+
 def allgather_attention(
     q: Tensor,
     k: Tensor,
@@ -371,8 +274,5 @@ def allgather_attention(
         problem=problem,
         group=group,
     )
-    head_dim = k.shape[3]
-    kv_full = comm.all_gather(torch.cat([k, v], dim=3), group=group, dim=1)
-    k_full, v_full = kv_full.split([head_dim, v.shape[3]], dim=3)
-    q_offset = comm.group_rank(group) * q.shape[1]
-    return packed_attention(q, k_full, v_full, q_offset=q_offset, causal=causal, bounds=bounds, scale=scale_value)
+    sp = SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
+    return allgather_attention_in_context(q, k, v, sp, causal=causal, scale=scale_value)

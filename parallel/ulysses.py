@@ -26,8 +26,11 @@ volumes. So with e bytes per element::
              per-token log_decay that needs a gradient (once forward only if it does not);
              a per-head log_decay [H] is replicated and only sliced: no bytes.
 
-plus the agreement check of ``parallel.softmax_sp`` (an all-gather of 12 int64 per rank,
-(W-1)*96 bytes each way), which makes every rank raise the same ValueError on a bad input.
+plus, in the public functions only, the agreement check of ``parallel.sp_context`` (an
+all-gather of 12 int64 per rank, (W-1)*96 bytes each way), which makes every rank raise the same
+ValueError on a bad input. The ``*_in_context`` entries (the runtime's path) take the
+micro-batch's ``SPContext`` instead, whose one agreement check covers the whole model: no check
+per layer and no host read.
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ from torch import Tensor
 from parallel import comm
 from parallel.comm import Group
 from parallel.linear_attention import chunk_linear_attention, validate_linear_attention_inputs
-from parallel.softmax_sp import (
-    check_shards_agree,
-    packed_attention,
-    validate_attention_shards,
-    validate_packed_cu_seqlens,
-)
+from parallel.softmax_sp import packed_attention, validate_attention_shards
+from parallel.sp_context import SPContext, check_shards_agree, validate_packed_cu_seqlens
 
-__all__ = ["kv_head_repeats", "ulysses_attention", "ulysses_linear_attention"]
+__all__ = [
+    "kv_head_repeats",
+    "ulysses_attention",
+    "ulysses_attention_in_context",
+    "ulysses_linear_attention",
+    "ulysses_linear_attention_in_context",
+]
 
 
 def kv_head_repeats(num_q_heads: int, num_kv_heads: int, group_size: int) -> int:
@@ -77,6 +82,20 @@ def _heads_to_seq(x_BNH_: Tensor, group: Group) -> Tensor:
     return comm.all_to_all(x_BNH_, group=group, scatter_dim=1, gather_dim=2)
 
 
+def ulysses_attention_in_context(
+    q: Tensor, k: Tensor, v: Tensor, sp: SPContext, *, causal: bool = True, scale: float | None = None
+) -> Tensor:
+    """:func:`ulysses_attention` over the micro-batch's context ``sp``; validates nothing and
+    reads nothing back from the device (``kv_head_repeats`` still rejects indivisible heads)."""
+    scale_value = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    repeats = kv_head_repeats(q.shape[2], k.shape[2], sp.num_ranks)
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
+    q_h, k_h, v_h = (_seq_to_heads(t, sp.group) for t in (q, k, v))
+    o_h = packed_attention(q_h, k_h, v_h, q_offset=0, causal=causal, bounds=sp.bounds_list, scale=scale_value)
+    return _heads_to_seq(o_h, sp.group)
+
+
 def ulysses_attention(
     q: Tensor,
     k: Tensor,
@@ -93,10 +112,10 @@ def ulysses_attention(
     H_q must divide by the group size (k/v heads are repeated when H_kv does not).
     """
     size = comm.group_size(group)
-    problem, bounds, scale_value, repeats = None, None, 0.0, 1
+    problem, bounds, scale_value = None, None, 0.0
     try:
         bounds, scale_value = validate_attention_shards(q, k, v, group_size=size, cu_seqlens=cu_seqlens, scale=scale)
-        repeats = kv_head_repeats(q.shape[2], k.shape[2], size)
+        kv_head_repeats(q.shape[2], k.shape[2], size)  # raises for heads the group cannot split
     except ValueError as exc:
         problem = f"ulysses_attention: {exc}"
     check_shards_agree(
@@ -110,11 +129,8 @@ def ulysses_attention(
         problem=problem,
         group=group,
     )
-    if repeats > 1:
-        k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
-    q_h, k_h, v_h = (_seq_to_heads(t, group) for t in (q, k, v))
-    o_h = packed_attention(q_h, k_h, v_h, q_offset=0, causal=causal, bounds=bounds, scale=scale_value)
-    return _heads_to_seq(o_h, group)
+    sp = SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
+    return ulysses_attention_in_context(q, k, v, sp, causal=causal, scale=scale_value)
 
 
 def _decay_kind(log_decay: Tensor | None) -> int:
@@ -130,6 +146,25 @@ def _decay_to_heads(log_decay: Tensor | None, group: Group) -> Tensor | None:
     heads = log_decay.shape[0] // comm.group_size(group)
     start = comm.group_rank(group) * heads
     return log_decay[start : start + heads]
+
+
+def ulysses_linear_attention_in_context(
+    q: Tensor, k: Tensor, v: Tensor, sp: SPContext, *, causal: bool = True, log_decay: Tensor | None = None
+) -> Tensor:
+    """:func:`ulysses_linear_attention` over the micro-batch's context ``sp``; validates nothing
+    and reads nothing back from the device."""
+    _check_linear_heads(q.shape[2], sp.num_ranks)
+    q_h, k_h, v_h = (_seq_to_heads(t, sp.group) for t in (q, k, v))
+    o_h, _ = chunk_linear_attention(
+        q_h,
+        k_h,
+        v_h,
+        causal=causal,
+        log_decay=_decay_to_heads(log_decay, sp.group),
+        cu_seqlens=sp.cu_seqlens,
+        check=False,
+    )
+    return _heads_to_seq(o_h, sp.group)
 
 
 def ulysses_linear_attention(
@@ -169,8 +204,5 @@ def ulysses_linear_attention(
         problem=problem,
         group=group,
     )
-    q_h, k_h, v_h = (_seq_to_heads(t, group) for t in (q, k, v))
-    o_h, _ = chunk_linear_attention(
-        q_h, k_h, v_h, causal=causal, log_decay=_decay_to_heads(log_decay, group), cu_seqlens=cu_seqlens
-    )
-    return _heads_to_seq(o_h, group)
+    sp = SPContext.build(group, local_len=q.shape[1], bounds=bounds, device=q.device)
+    return ulysses_linear_attention_in_context(q, k, v, sp, causal=causal, log_decay=log_decay)

@@ -14,17 +14,15 @@ problem and the fix; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
-import os
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from planner import plan_step
+from planner import cost_spec, plan_step
 from planner.baselines import batch_adaptive, smallest_static_degree, static_sp
 from planner.cost import CostModel, is_power_of_two
 from planner.distributions import DEFAULT_CAP, distribution_names, length_stats, sample_lengths
@@ -130,30 +128,12 @@ def read_lengths_file(path: Path | str) -> list[int]:
 
 
 def resolve_cost(spec: str, num_ranks: int) -> CostModel:
-    """A cost model from a preset name or a path to a JSON file written by ``CostModel.to_json``.
-
-    A preset is built for ``num_ranks``: ZeRO shards the model states over all ranks, so the
-    memory left for activations depends on it. A JSON file is taken as it is."""
-    presets = list(CostModel.presets())
-    if spec in presets:
-        try:
-            return CostModel.preset(spec, world_size=num_ranks)
-        except ValueError as exc:
-            raise DryRunError(f"cost-model preset {spec!r} on {num_ranks} ranks: {exc}; use more ranks") from None
-    path = Path(spec)
-    if path.is_file():
-        try:
-            return CostModel.from_json(path)
-        except ValueError as exc:
-            raise DryRunError(f"{path} is not a valid cost model ({exc}); write one with CostModel.to_json") from None
-    if spec.endswith(".json") or os.sep in spec:
-        raise DryRunError(f"cost-model file {spec!r} does not exist; pass an existing JSON file or a preset")
-    close = difflib.get_close_matches(spec, presets, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise DryRunError(
-        f"unknown cost-model preset {spec!r}; {hint}presets: {', '.join(presets)}, "
-        "or pass the path of a JSON cost model (CostModel.to_json)"
-    )
+    """A cost model from a preset name or a path to a JSON file written by ``CostModel.to_json``
+    (``planner.cost_spec.resolve_cost``, its errors as ``DryRunError``)."""
+    try:
+        return cost_spec.resolve_cost(spec, num_ranks)
+    except cost_spec.CostSpecError as exc:
+        raise DryRunError(str(exc)) from None
 
 
 def _check_spec(spec: DryRunSpec) -> None:

@@ -104,7 +104,7 @@ def _add_launch_args(launch: argparse.ArgumentParser) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
-    from planner.profile import profile_cost_model
+    from runtime.profile import profile_cost_model
 
     config = load_config(args.config, overrides)
     nproc = args.nproc or config.launch.nproc_per_node

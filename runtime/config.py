@@ -6,6 +6,11 @@ against its annotation (int, float, bool, str, Literal choices, tuples) and then
 the bad value and what is allowed. Unknown sections and keys are rejected with the closest
 valid name suggested. ``to_toml`` writes the resolved config, which ``load_config`` reads back
 to an equal object; every run writes it next to its outputs.
+
+Each component owns its section (``parallel.config``, ``moe.config``, ``planner.config``,
+``launchers.config``); the runtime's own sections (model, data, train) live here, and every
+section class and ``ConfigError`` are re-exported, so ``from runtime.config import MoEConfig``
+works.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from launchers.config import LaunchConfig
+from moe.config import MoEConfig
+from parallel.config import ParallelConfig
+from parallel.configbase import ConfigError, fail, positive
+from planner.config import PlannerConfig
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -37,14 +48,6 @@ __all__ = [
     "load_config",
     "to_toml",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, key or file; the message names the field and the fix."""
-
-
-def _fail(path: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"config field `{path}`: got {value!r}; {allowed}")
 
 
 @dataclass(kw_only=True)
@@ -68,86 +71,15 @@ class ModelConfig:
 
     def validate(self) -> None:
         if not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
-            _fail("model.layer_pattern", self.layer_pattern, "use a non-empty string of L (linear) and S (softmax)")
+            fail("model.layer_pattern", self.layer_pattern, "use a non-empty string of L (linear) and S (softmax)")
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_hidden", "vocab_size"):
-            _positive(f"model.{name}", getattr(self, name))
+            positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.num_heads:
-            _fail("model.d_model", self.d_model, f"must be divisible by model.num_heads={self.num_heads}")
+            fail("model.d_model", self.d_model, f"must be divisible by model.num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            _fail("model.num_kv_heads", self.num_kv_heads, f"must divide model.num_heads={self.num_heads}")
+            fail("model.num_kv_heads", self.num_kv_heads, f"must divide model.num_heads={self.num_heads}")
         if self.rope_theta <= 0:
-            _fail("model.rope_theta", self.rope_theta, "must be > 0")
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """auto = NCCL when CUDA is available, else gloo."""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
-    linear_sp: Literal["lasp2", "lasp1", "ulysses"] = "lasp2"
-    softmax_sp: Literal["allgather", "ulysses"] = "allgather"
-    """allgather = LASP-2H."""
-    timeout_s: float = 600.0
-
-    def validate(self) -> None:
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
-            _fail("parallel.device", self.device, "allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
-        if self.timeout_s <= 0:
-            _fail("parallel.timeout_s", self.timeout_s, "must be > 0 seconds")
-
-
-@dataclass(kw_only=True)
-class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    router: Literal["linear", "gru"] = "gru"
-    router_dim: int = 128
-    """GRU router hidden size (RMoE's p)."""
-    balance: Literal["micro", "sequence", "global"] = "global"
-    balance_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    chain_iterations: int = 1
-    """1 = plain MoE; >= 2 = Chain-of-Experts with top_k / chain_iterations experts per iteration."""
-    shared_expert: bool = False
-    ep_size: int = 1
-
-    def validate(self) -> None:
-        for name in ("num_experts", "top_k", "router_dim", "chain_iterations", "ep_size"):
-            _positive(f"moe.{name}", getattr(self, name))
-        if self.top_k > self.num_experts:
-            _fail("moe.top_k", self.top_k, f"must be <= moe.num_experts={self.num_experts}")
-        if self.num_experts % self.ep_size:
-            _fail("moe.ep_size", self.ep_size, f"must divide moe.num_experts={self.num_experts}")
-        if self.top_k % self.chain_iterations:
-            _fail(
-                "moe.chain_iterations",
-                self.chain_iterations,
-                f"must divide moe.top_k={self.top_k} (each iteration routes to top_k / chain_iterations experts)",
-            )
-        for name in ("balance_coef", "z_loss_coef"):
-            if getattr(self, name) < 0:
-                _fail(f"moe.{name}", getattr(self, name), "must be >= 0")
-
-
-@dataclass(kw_only=True)
-class PlannerConfig:
-    mode: Literal["flexsp", "static", "batch_adaptive"] = "flexsp"
-    static_degree: int = 1
-    """SP degree for mode = static (a power of two dividing the world size)."""
-    cost_model: str = "auto"
-    """A preset name, a cost-model JSON path, or auto (the preset for this model on this machine)."""
-    solver: Literal["highs", "cbc"] = "highs"
-    time_limit_s: float = 1.0
-    async_plan: bool = True
-    """Plan step i+1 on rank 0 while step i trains."""
-
-    def validate(self) -> None:
-        d = self.static_degree
-        if d < 1 or d & (d - 1):
-            _fail("planner.static_degree", d, "must be a power of two >= 1")
-        if self.time_limit_s <= 0:
-            _fail("planner.time_limit_s", self.time_limit_s, "must be > 0 seconds")
+            fail("model.rope_theta", self.rope_theta, "must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -162,11 +94,11 @@ class DataConfig:
 
     def validate(self) -> None:
         if self.source != "embedded" and not self.path:
-            _fail("data.path", self.path, f"data.source={self.source!r} needs a path")
-        _positive("data.global_batch_sequences", self.global_batch_sequences)
-        _positive("data.max_seq_len", self.max_seq_len)
+            fail("data.path", self.path, f"data.source={self.source!r} needs a path")
+        positive("data.global_batch_sequences", self.global_batch_sequences)
+        positive("data.max_seq_len", self.max_seq_len)
         if not 0.0 <= self.validation_fraction < 1.0:
-            _fail("data.validation_fraction", self.validation_fraction, "must be in [0, 1)")
+            fail("data.validation_fraction", self.validation_fraction, "must be in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -194,46 +126,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("steps", "log_every", "keep_checkpoints", "max_bad_steps", "eval_batches"):
-            _positive(f"train.{name}", getattr(self, name))
+            positive(f"train.{name}", getattr(self, name))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             if getattr(self, name) < 0:
-                _fail(f"train.{name}", getattr(self, name), "must be >= 0")
+                fail(f"train.{name}", getattr(self, name), "must be >= 0")
         if self.lr <= 0:
-            _fail("train.lr", self.lr, "must be > 0")
+            fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
-            _fail("train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
+            fail("train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
         if self.zero_stage not in (0, 1, 2):
-            _fail("train.zero_stage", self.zero_stage, "allowed: 0, 1, 2")
+            fail("train.zero_stage", self.zero_stage, "allowed: 0, 1, 2")
         for name in ("grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
-                _fail(f"train.{name}", getattr(self, name), "must be >= 0 (0 disables)")
-
-
-@dataclass(kw_only=True)
-class LaunchConfig:
-    launcher: Literal["torchrun", "slurm", "mpirun"] = "torchrun"
-    nproc_per_node: int = 2
-    nnodes: int = 1
-    max_restarts: int = 0
-    """torchrun elastic restarts; each restart resumes from the last checkpoint."""
-    slurm_partition: str = ""
-    slurm_time: str = "00:30:00"
-    submit: bool = False
-    """slurm: submit the written sbatch script with sbatch."""
-    slurm_mode: Literal["torchrun", "srun"] = "torchrun"
-    """slurm: srun starts one torchrun per node (elastic restarts work), or one task per rank (srun)."""
-
-    def validate(self) -> None:
-        _positive("launch.nproc_per_node", self.nproc_per_node)
-        _positive("launch.nnodes", self.nnodes)
-        if self.max_restarts < 0:
-            _fail("launch.max_restarts", self.max_restarts, "must be >= 0")
-        if self.max_restarts and (self.launcher == "mpirun" or self.launcher == "slurm" and self.slurm_mode == "srun"):
-            _fail(
-                "launch.max_restarts",
-                self.max_restarts,
-                "restarts need torchrun: use launch.launcher='torchrun', or 'slurm' with launch.slurm_mode='torchrun'",
-            )
+                fail(f"train.{name}", getattr(self, name), "must be >= 0 (0 disables)")
 
 
 @dataclass(kw_only=True)
@@ -249,22 +154,17 @@ class Config:
 
     def validate(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
-            _fail("name", self.name, "use a non-empty name without slashes or spaces (it names the run folder)")
+            fail("name", self.name, "use a non-empty name without slashes or spaces (it names the run folder)")
         for section in _sections(Config):
             getattr(self, section.name).validate()
         if self.moe.ep_size > self.launch.nproc_per_node * self.launch.nnodes:
-            _fail(
+            fail(
                 "moe.ep_size", self.moe.ep_size, "must not exceed the number of ranks (launch.nnodes × nproc_per_node)"
             )
 
     @property
     def resolved_run_dir(self) -> Path:
         return Path(self.train.run_dir.replace("{name}", self.name))
-
-
-def _positive(path: str, value: int) -> None:
-    if value < 1:
-        _fail(path, value, "must be a positive integer")
 
 
 def _sections(cls: type) -> list[dataclasses.Field]:
@@ -289,7 +189,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices or type(value) is bool and bool not in map(type, choices):
-            _fail(path, value, f"allowed: {', '.join(repr(c) for c in choices)}")
+            fail(path, value, f"allowed: {', '.join(repr(c) for c in choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
@@ -300,23 +200,23 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     if origin is tuple:
         (item, _) = typing.get_args(annotation)
         if not isinstance(value, list | tuple):
-            _fail(path, value, "expected a list, e.g. [1, 2]")
+            fail(path, value, "expected a list, e.g. [1, 2]")
         return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
     if annotation is bool:
         if not isinstance(value, bool):
-            _fail(path, value, "expected true or false")
+            fail(path, value, "expected true or false")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(path, value, "expected an integer")
+            fail(path, value, "expected an integer")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            _fail(path, value, "expected a number")
+            fail(path, value, "expected a number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            _fail(path, value, "expected a string")
+            fail(path, value, "expected a string")
         return value
     raise TypeError(f"config field `{path}` has an unsupported annotation {annotation!r}")
 
@@ -333,7 +233,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
-                _fail(path, value, f"`{key}` is a section: write [{key}] in TOML or --{key}.<field>=... overrides")
+                fail(path, value, f"`{key}` is a section: write [{key}] in TOML or --{key}.<field>=... overrides")
             kwargs[key] = _build(annotation, value, f"{path}.")
         elif isinstance(value, dict):
             raise ConfigError(f"config field `{path}` is a value, not a section; set it as --{path}=VALUE")

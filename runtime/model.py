@@ -7,10 +7,12 @@ SwiGLU MLP (``ffn = "dense"``) or an MoE layer (``ffn = "moe"``, moe/). Pre-norm
 with RMSNorm, byte-level vocabulary, optional tied embeddings.
 
 One forward pass runs on one rank's shard of a packed micro-batch: ``tokens`` are that rank's
-contiguous slice of the group's packed sequences and ``SPBatch`` says which group, where the
-documents begin (``cu_seqlens`` of the whole packed sequence) and where this shard starts.
-With a group of one rank this is an ordinary single-device model, and every op is exact, so
-the model computes the same function whatever SP group runs it.
+contiguous slice of the group's packed sequences and the micro-batch's ``SPContext``
+(parallel/sp_context.py, built once per micro-batch from host ints) says which group, where the
+documents begin and where this shard starts; it also carries the RoPE positions and the padding
+mask. Every attention layer takes it and reads nothing back from the device. With a group of
+one rank this is an ordinary single-device model, and every op is exact, so the model computes
+the same function whatever SP group runs it.
 
 Shapes: B batch (1 when packed), T local tokens, D model width, H heads, K head dim.
 """
@@ -18,7 +20,6 @@ Shapes: B batch (1 when packed), T local tokens, D model width, H heads, K head 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,46 +30,24 @@ from moe.balance import BalanceTracker, SequenceLayout, sequence_ids
 from moe.layer import MoELayer
 from moe.metrics import RoutingMetrics
 from moe.router import make_gru_cell
-from parallel import comm
-from parallel.comm import Group, group_size
-from parallel.lasp2 import lasp2_attention
-from parallel.ring import lasp1_attention
-from parallel.softmax_sp import allgather_attention
-from parallel.ulysses import ulysses_attention, ulysses_linear_attention
+from parallel.comm import Group
+from parallel.lasp2 import lasp2_attention_in_context
+from parallel.ring import lasp1_attention_in_context
+from parallel.softmax_sp import allgather_attention_in_context
+from parallel.sp_context import SPContext
+from parallel.ulysses import ulysses_attention_in_context, ulysses_linear_attention_in_context
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
 
-__all__ = ["HybridLM", "SPBatch", "build_model", "layer_kinds"]
+__all__ = ["HybridLM", "SPBatch", "SPContext", "build_model", "layer_kinds"]
 
-
-@dataclass(frozen=True)
-class SPBatch:
-    """How this rank's shard sits in its SP group's packed sequence."""
-
-    group: Group
-    cu_seqlens: Tensor | None
-    """Document boundaries of the group's whole packed sequence [0, ..., W*T] (None: one document)."""
-    offset: int
-    """Global position of this shard's first token in the packed sequence (group rank * T)."""
-
-    @classmethod
-    def single(cls, cu_seqlens: Tensor | None = None) -> SPBatch:
-        return cls(comm.SOLO, cu_seqlens, 0)
+SPBatch = SPContext
+"""The name this module used before the SP context moved to parallel/sp_context.py."""
 
 
 def layer_kinds(config: ModelConfig) -> list[str]:
     """The mixer of each layer: the pattern repeated (and cut) to num_layers."""
     pattern = config.layer_pattern
     return [pattern[i % len(pattern)] for i in range(config.num_layers)]
-
-
-def positions_in_documents(batch: SPBatch, T: int, device) -> Tensor:
-    """[T] position of each local token inside its own document (RoPE restarts per document)."""
-    global_T = torch.arange(batch.offset, batch.offset + T, device=device)
-    if batch.cu_seqlens is None:
-        return global_T
-    starts = batch.cu_seqlens[:-1].to(device)
-    doc_T = torch.bucketize(global_T, starts, right=True) - 1
-    return global_T - starts[doc_T]
 
 
 class RMSNorm(nn.Module):
@@ -117,17 +96,16 @@ class LinearAttention(nn.Module):
             return a_H
         return a_H * torch.sigmoid(self.per_token_gate(x_BTD)).float()  # [B, T, H], still <= 0
 
-    def forward(self, x_BTD: Tensor, batch: SPBatch) -> Tensor:
+    def forward(self, x_BTD: Tensor, sp: SPContext) -> Tensor:
         B, T, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.H, self.K).unbind(2)
         q, k = F.silu(q) / math.sqrt(self.K), F.silu(k)
-        kwargs = {"group": batch.group, "log_decay": self.log_decay(x_BTD), "cu_seqlens": batch.cu_seqlens}
-        if self.method == "lasp2":
-            o = lasp2_attention(q, k, v, **kwargs)
-        elif self.method == "lasp1":
-            o = lasp1_attention(q, k, v, **kwargs)
-        else:
-            o = ulysses_linear_attention(q, k, v, **kwargs)
+        attend = {
+            "lasp2": lasp2_attention_in_context,
+            "lasp1": lasp1_attention_in_context,
+            "ulysses": ulysses_linear_attention_in_context,
+        }[self.method]
+        o = attend(q, k, v, sp, log_decay=self.log_decay(x_BTD))
         return self.out(self.norm(o).reshape(B, T, -1))
 
 
@@ -144,14 +122,13 @@ class SoftmaxAttention(nn.Module):
         self.theta = config.rope_theta
         self.method = parallel.softmax_sp
 
-    def forward(self, x_BTD: Tensor, batch: SPBatch) -> Tensor:
+    def forward(self, x_BTD: Tensor, sp: SPContext) -> Tensor:
         B, T, _ = x_BTD.shape
-        pos_T = positions_in_documents(batch, T, x_BTD.device)
-        q = apply_rope(self.q(x_BTD).view(B, T, self.H, self.K), pos_T, self.theta)
+        q = apply_rope(self.q(x_BTD).view(B, T, self.H, self.K), sp.positions_T, self.theta)
         k, v = self.kv(x_BTD).view(B, T, 2, self.Hkv, self.K).unbind(2)
-        k = apply_rope(k, pos_T, self.theta)
-        attend = allgather_attention if self.method == "allgather" else ulysses_attention
-        o = attend(q, k, v, group=batch.group, cu_seqlens=batch.cu_seqlens)
+        k = apply_rope(k, sp.positions_T, self.theta)
+        attend = allgather_attention_in_context if self.method == "allgather" else ulysses_attention_in_context
+        o = attend(q, k, v, sp)
         return self.out(o.reshape(B, T, -1))
 
 
@@ -174,8 +151,8 @@ class Block(nn.Module):
         self.mix = LinearAttention(config, parallel) if kind == "L" else SoftmaxAttention(config, parallel)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, batch: SPBatch, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        x = x + self.mix(self.mix_norm(x), batch)
+    def forward(self, x: Tensor, sp: SPContext, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        x = x + self.mix(self.mix_norm(x), sp)
         if isinstance(self.ffn, MoELayer):
             out, router_state = self.ffn(self.ffn_norm(x), router_state)
             return x + out, router_state
@@ -263,7 +240,7 @@ class HybridLM(nn.Module):
     def forward(
         self,
         tokens_BT: Tensor,
-        batch: SPBatch,
+        batch: SPContext,
         *,
         token_normalizer: float | None = None,
         num_sequences: float | None = None,
@@ -273,15 +250,21 @@ class HybridLM(nn.Module):
         """Logits [B, T, vocab] of this rank's shard. MoE models: ``aux_loss()`` afterwards gives
         the balance loss of this forward; ``token_normalizer`` / ``num_sequences`` (the global
         batch's tokens / sequences) make it a share that sums exactly over ranks and micro-batches.
-        ``valid_T`` (False on padding) keeps padding tokens out of the balance loss and metrics."""
+        ``valid_T`` (False on padding; default: the context's) keeps padding tokens out of the
+        balance loss and metrics."""
+        if tokens_BT.shape[1] != batch.local_len:
+            raise ValueError(
+                f"HybridLM: tokens hold {tokens_BT.shape[1]} tokens per row but the SP context was built for "
+                f"local_len={batch.local_len}; build it for this shard"
+            )
+        valid_T = batch.valid_T if valid_T is None else valid_T
         if self.tracker is not None:
             sequence = None
             if self.tracker.balance == "sequence":
                 num_local = tokens_BT.numel()
                 seq_T = sequence_ids(batch.cu_seqlens, batch.offset, num_local, device=tokens_BT.device)
-                count = 1 if batch.cu_seqlens is None else batch.cu_seqlens.numel() - 1
-                group = None if group_size(batch.group) == 1 else batch.group
-                sequence = SequenceLayout(seq_T, count, group, num_sequences)
+                group = None if batch.num_ranks == 1 else batch.group
+                sequence = SequenceLayout(seq_T, batch.num_documents, group, num_sequences)
             self.tracker.begin_microbatch(
                 token_normalizer=token_normalizer, sequence=sequence, domains_T=domains_T, valid_T=valid_T
             )

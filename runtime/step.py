@@ -1,8 +1,10 @@
 """Running one StepPlan on this rank: pack, shard, forward, backward, for every micro-batch.
 
 For each micro-batch of the plan, this rank finds its SP group, packs the group's sequences
-one after another (``cu_seqlens`` marks where each begins), pads the packed sequence to a
-multiple of the group size and takes its contiguous 1/W slice. Padding is a document of its
+one after another (the document bounds mark where each begins), pads the packed sequence to a
+multiple of the group size and takes its contiguous 1/W slice. From the bounds, host ints, it
+builds the micro-batch's ``SPContext`` once (device cu_seqlens, rank spans, RoPE positions,
+padding mask, one cross-rank agreement check) and every attention layer reads it. Padding is a document of its
 own at the end: attention never crosses into it, its targets are ignored, and the MoE balance
 and metrics skip its tokens, so padding changes no number. A group with no sequence still pads
 one token per rank: every rank runs every micro-batch, because collectives (SP inside the
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from parallel.context import ParallelContext
+from parallel.sp_context import SPContext
 from planner.plan import Group as PlanGroup
 from planner.plan import StepPlan
-from runtime.model import HybridLM, SPBatch
+from runtime.model import HybridLM
 
 __all__ = ["LocalShard", "StepResult", "run_plan", "shard_for_rank"]
 
@@ -42,9 +45,27 @@ class LocalShard:
     domains_T: Tensor
     valid_T: Tensor
     """False on padding tokens."""
-    cu_seqlens: Tensor
+    bounds: tuple[int, ...]
+    """Document boundaries of the group's whole packed sequence, host ints (padding is the last)."""
     offset: int
     ranks: tuple[int, ...]
+    num_padding: int
+    """Padding tokens in this slice (host int)."""
+
+    def sp_context(self, ctx: ParallelContext, *, agree: bool = True) -> SPContext:
+        """The micro-batch's SP context on ``ctx.device``, from host ints (no device read), with
+        its one cross-rank agreement check (``agree``; one all-gather over the SP group)."""
+        return SPContext.build(
+            ctx.group(self.ranks),
+            local_len=self.tokens_1T.shape[1],
+            bounds=self.bounds,
+            device=ctx.device,
+            rank=self.ranks.index(ctx.rank),
+            num_ranks=len(self.ranks),
+            # no mask without padding: the MoE balance then needs no mask (and no read of it)
+            valid_T=self.valid_T if self.num_padding else None,
+            agree=agree,
+        )
 
 
 def shard_for_rank(sequences: list[Tensor], domains: list[int], group: PlanGroup, rank: int) -> LocalShard:
@@ -80,9 +101,10 @@ def shard_for_rank(sequences: list[Tensor], domains: list[int], group: PlanGroup
         targets_1T=targets[local][None],
         domains_T=doms[local],
         valid_T=valid[local],
-        cu_seqlens=torch.tensor(bounds, dtype=torch.long),
+        bounds=tuple(bounds),
         offset=r * T,
         ranks=group.ranks,
+        num_padding=max(0, (r + 1) * T - max(r * T, total)),
     )
 
 
@@ -116,14 +138,13 @@ def run_plan(
     for m, micro in enumerate(plan.microbatches):
         shard = shard_for_rank(sequences, domains, micro.group_of(ctx.rank), ctx.rank)
         device = ctx.device
-        batch = SPBatch(ctx.group(shard.ranks), shard.cu_seqlens.to(device), shard.offset)
+        batch = shard.sp_context(ctx)  # once per micro-batch: every layer reads it, none re-derives it
         logits = forward(
             shard.tokens_1T.to(device),
             batch,
             token_normalizer=num_tokens,
             num_sequences=len(sequences),
             domains_T=shard.domains_T.to(device),
-            valid_T=shard.valid_T.to(device),
         )
         ce_sum = F.cross_entropy(
             logits.flatten(0, 1).float(), shard.targets_1T.to(device).flatten(), ignore_index=IGNORE, reduction="sum"
@@ -132,7 +153,7 @@ def run_plan(
         backward(ce_sum / num_targets + aux, m == len(plan.microbatches) - 1)
         loss_sum += float(ce_sum.detach())
         aux_sum += float(aux.detach())
-        tokens += int(shard.valid_T.sum())
+        tokens += shard.tokens_1T.shape[1] - shard.num_padding
     return StepResult(loss_sum, aux_sum, tokens)
 
 
@@ -144,11 +165,9 @@ def evaluate_plan(
     loss_sum, targets = 0.0, 0
     for micro in plan.microbatches:
         shard = shard_for_rank(sequences, domains, micro.group_of(ctx.rank), ctx.rank)
-        batch = SPBatch(ctx.group(shard.ranks), shard.cu_seqlens.to(ctx.device), shard.offset)
+        batch = shard.sp_context(ctx)
         device = ctx.device
-        logits = model(
-            shard.tokens_1T.to(device), batch, domains_T=shard.domains_T.to(device), valid_T=shard.valid_T.to(device)
-        )
+        logits = model(shard.tokens_1T.to(device), batch, domains_T=shard.domains_T.to(device))
         tgt = shard.targets_1T.to(ctx.device).flatten()
         loss_sum += float(F.cross_entropy(logits.flatten(0, 1).float(), tgt, ignore_index=IGNORE, reduction="sum"))
         targets += int((tgt != IGNORE).sum())

@@ -26,9 +26,10 @@ from launchers.env import discover_environment
 from parallel.context import ParallelContext
 from planner.baselines import batch_adaptive, static_sp
 from planner.cost import CostModel
+from planner.cost_spec import CostSpecError, resolve_cost
 from planner.plan import StepPlan
 from runtime.checkpoint import load_checkpoint, save_checkpoint
-from runtime.config import Config, to_toml
+from runtime.config import Config, ConfigError, to_toml
 from runtime.data import build_dataset
 from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
@@ -53,11 +54,12 @@ class TrainingError(RuntimeError):
 def resolve_cost_model(config: Config, world_size: int) -> CostModel:
     """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
     hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
-    from planner.dryrun import resolve_cost
-
     spec = config.planner.cost_model
     if spec != "auto":
-        return resolve_cost(spec, world_size)
+        try:
+            return resolve_cost(spec, world_size)
+        except CostSpecError as exc:
+            raise ConfigError(f"config field `planner.cost_model`: {exc}") from None
     if not torch.cuda.is_available():
         return CostModel.preset("tiny-cpu", world_size=world_size)
     import dataclasses

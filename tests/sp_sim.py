@@ -121,17 +121,32 @@ def reference(q, k, v, a, cu, do, causal):
     return (o.detach(), *grads)
 
 
-def run_linear_sp_rank(ctx, op_name: str, T: int, decay: str, docs: str, causal: bool, seed: int):
-    """On one gloo rank: this rank's shard through LASP-2 or LASP-1, forward and backward.
-    Returns ([o, dq, dk, dv, dlog_decay], CommMeter summary)."""
-    from parallel.ring import lasp1_attention
+def run_linear_sp_rank(
+    ctx, op_name: str, T: int, decay: str, docs: str, causal: bool, seed: int, in_context: bool = False
+):
+    """On one gloo rank: this rank's shard through LASP-2 or LASP-1, forward and backward, by the
+    public function or (``in_context``) by the op's SPContext entry, as the runtime calls it (the
+    context is built before the meter starts). Returns ([o, dq, dk, dv, dlog_decay], CommMeter summary)."""
+    from parallel.ring import lasp1_attention, lasp1_attention_in_context
+    from parallel.sp_context import SPContext
 
-    op = {"lasp1": lasp1_attention, "lasp2": lasp2.lasp2_attention}[op_name]
     W, r = ctx.world_size, ctx.rank
     q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=seed)
     leaves = [None if x is None else shard(x, W, r).clone().requires_grad_() for x in (q, k, v, a)]
+    if in_context:
+        sp = SPContext.from_cu_seqlens(ctx.world, cu, local_len=T)
+        entry = {"lasp1": lasp1_attention_in_context, "lasp2": lasp2.lasp2_attention_in_context}[op_name]
+
+        def op(q, k, v, *, causal, log_decay):
+            return entry(q, k, v, sp, causal=causal, log_decay=log_decay)
+    else:
+        public = {"lasp1": lasp1_attention, "lasp2": lasp2.lasp2_attention}[op_name]
+
+        def op(q, k, v, *, causal, log_decay):
+            return public(q, k, v, group=ctx.world, causal=causal, log_decay=log_decay, cu_seqlens=cu)
+
     with comm.CommMeter() as meter:
-        o = op(*leaves[:3], group=ctx.world, causal=causal, log_decay=leaves[3], cu_seqlens=cu)
+        o = op(*leaves[:3], causal=causal, log_decay=leaves[3])
         o.backward(shard(do, W, r))
     return [o.detach()] + [None if x is None else x.grad for x in leaves], meter.summary()
 

@@ -128,3 +128,44 @@ def test_bad_files(tmp_path):
 
 def test_run_dir_uses_the_name():
     assert str(config_from_dict({"name": "abc"}).resolved_run_dir) == "runs/abc"
+
+
+def test_a_bad_cost_model_is_one_config_error_naming_the_field():
+    from runtime.train import resolve_cost_model
+
+    config = load_config(None, ["--planner.cost_model=tiny-cpuu"])
+    with pytest.raises(ConfigError, match=r"`planner.cost_model`.*did you mean 'tiny-cpu'"):
+        resolve_cost_model(config, 2)
+
+
+def _imported_packages(package: str) -> set[str]:
+    """Top-level packages that the modules of ``package`` import (statically, anywhere in the file)."""
+    import ast
+    from pathlib import Path
+
+    found = set()
+    for path in (Path(__file__).resolve().parents[1] / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("package", ["parallel", "moe", "planner", "launchers"])
+def test_components_below_the_runtime_do_not_import_it(package):
+    assert "runtime" not in _imported_packages(package)
+
+
+def test_every_section_is_owned_by_its_component_and_re_exported():
+    import launchers.config
+    import moe.config
+    import parallel.config
+    import planner.config
+    import runtime.config
+
+    assert runtime.config.LaunchConfig is launchers.config.LaunchConfig
+    assert runtime.config.MoEConfig is moe.config.MoEConfig
+    assert runtime.config.ParallelConfig is parallel.config.ParallelConfig
+    assert runtime.config.PlannerConfig is planner.config.PlannerConfig

@@ -81,9 +81,13 @@ def lasp2_bytes(W: int, B: int, decay: str, causal: bool, docs: str) -> int:
     """Analytic all-gather bytes sent (= received) per rank per call, forward + backward, fp32."""
     state = B * H * DK * DV
     two_states = not causal and (decay != "none" or docs != "none")
-    forward = state * (2 if two_states else 1) + (B * H if decay == "token" else 0) + 2  # + 8-byte fingerprint
+    forward = state * (2 if two_states else 1) + (B * H if decay == "token" else 0)
     backward = state * (1 if causal else 2)
     return (W - 1) * (forward + backward) * 4
+
+
+# the public function's agreement check gathers 12 int64 per rank (flag + 11 fingerprint fields)
+AGREEMENT_BYTES = 12 * 8
 
 
 @pytest.mark.parametrize(
@@ -91,15 +95,28 @@ def lasp2_bytes(W: int, B: int, decay: str, causal: bool, docs: str) -> int:
     [("none", "none", True), ("token", "inside", True), ("head", "none", False), ("token", "mixed", False)],
 )
 def test_lasp2_bytes_are_analytic_and_independent_of_length(decay, docs, causal):
+    """In context (the runtime's path): one state all-gather forward, one backward. The public
+    function adds its agreement all-gather."""
     W = 4
+    B = 1 if docs != "none" else 2
     for T in (4, 64):
-        results = run_on_ranks(W, run_linear_sp_rank, "lasp2", T, decay, docs, causal, seed=2)
-        B = 1 if docs != "none" else 2
-        for _, summary in results:
-            assert set(summary) == {"all_gather"}
-            counts = summary["all_gather"]
-            assert counts["calls"] == 2
-            assert counts["bytes_sent"] == counts["bytes_received"] == lasp2_bytes(W, B, decay, causal, docs)
+        for in_context, calls, extra in ((True, 2, 0), (False, 3, (W - 1) * AGREEMENT_BYTES)):
+            results = run_on_ranks(W, run_linear_sp_rank, "lasp2", T, decay, docs, causal, 2, in_context)
+            for _, summary in results:
+                assert set(summary) == {"all_gather"}
+                counts = summary["all_gather"]
+                assert counts["calls"] == calls
+                expected = lasp2_bytes(W, B, decay, causal, docs) + extra
+                assert counts["bytes_sent"] == counts["bytes_received"] == expected
+
+
+def test_context_entry_matches_reference():
+    W, T, decay, docs, causal = 3, 5, "token", "mixed", False
+    results = run_on_ranks(W, run_linear_sp_rank, "lasp2", T, decay, docs, causal, 3, True)
+    q, k, v, a, cu, do = make_inputs(W, T, decay, docs, dtype=torch.float32, seed=3)
+    want = reference(q, k, v, a, cu, do, causal)
+    for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], gather_full(results, a), want):
+        assert rel_err(x.double(), y) <= FP32_TOL, f"{name}: {rel_err(x.double(), y):.2e}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +136,7 @@ def _run_with_rank_dependent_documents(ctx):
 
 def test_mismatched_documents_across_ranks_raise_on_every_rank():
     messages = run_on_ranks(2, _run_with_rank_dependent_documents)
-    assert all(m is not None and "different cu_seqlens" in m for m in messages), messages
+    assert all(m is not None and "disagree on cu_seqlens checksum" in m for m in messages), messages
 
 
 def _run_positive_decay(ctx):
@@ -127,7 +144,7 @@ def _run_positive_decay(ctx):
     lasp2_attention(q, q, torch.randn(1, 4, H, DV), group=ctx.world, log_decay=torch.tensor([0.1, -0.1]))
 
 
-def test_positive_decay_is_rejected_before_any_collective():
+def test_positive_decay_is_rejected_before_any_state_travels():
     with pytest.raises(RankFailure, match="log_decay"):
         run_on_ranks(2, _run_positive_decay)
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from parallel import comm
+from parallel.sp_context import SPContext
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
-from runtime.model import SPBatch, build_model, layer_kinds, positions_in_documents
+from runtime.model import build_model, layer_kinds
 from tests.distributed import run_on_ranks
 
 FP32_TOL = 1e-5
@@ -47,16 +49,16 @@ def _setup(decay, linear_sp, softmax_sp, total, ffn="dense", group=None):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 256, (1, total), generator=g)
     targets = torch.randint(0, 256, (1, total), generator=g)
-    cu = torch.tensor([0, 5, total // 2 + 1, total - 3, total])
-    return model, tokens, targets, cu
+    bounds = [0, 5, total // 2 + 1, total - 3, total]
+    return model, tokens, targets, bounds
 
 
 def _run_sharded(ctx, decay, linear_sp, softmax_sp, total, ffn="dense"):
-    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total, ffn, ctx.world)
+    model, tokens, targets, bounds = _setup(decay, linear_sp, softmax_sp, total, ffn, ctx.world)
     W, r = ctx.world_size, ctx.rank
     T = total // W
     local = slice(r * T, (r + 1) * T)
-    batch = SPBatch(ctx.world, cu, r * T)
+    batch = SPContext.build(ctx.world, local_len=T, bounds=bounds)
     return loss_and_grads(model, tokens[:, local], targets[:, local], batch, total)
 
 
@@ -75,8 +77,8 @@ def test_sharded_model_equals_single_device(W, decay, linear_sp, softmax_sp, ffn
     """With MoE: GRU routers and the global balance loss over the SP group's ranks (the
     shares, normalised by the batch's tokens, sum to the single-device balance loss)."""
     total = 24
-    model, tokens, targets, cu = _setup(decay, linear_sp, softmax_sp, total, ffn)
-    ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPBatch.single(cu))
+    model, tokens, targets, bounds = _setup(decay, linear_sp, softmax_sp, total, ffn)
+    ref_logits, ref_grads = loss_and_grads(model, tokens, targets, SPContext.single(total, bounds))
     results = run_on_ranks(W, _run_sharded, decay, linear_sp, softmax_sp, total, ffn)
     logits = torch.cat([res[0] for res in results], dim=1)
     assert ((logits - ref_logits).norm() / ref_logits.norm()).item() <= FP32_TOL
@@ -87,10 +89,10 @@ def test_sharded_model_equals_single_device(W, decay, linear_sp, softmax_sp, ffn
 
 
 def test_positions_restart_in_every_document():
-    cu = torch.tensor([0, 3, 7, 10])
-    pos = positions_in_documents(SPBatch(None, cu, 4), 5, "cpu")
-    assert pos.tolist() == [1, 2, 3, 0, 1]  # global tokens 4..8: doc [3,7) then doc [7,10)
-    assert positions_in_documents(SPBatch.single(), 3, "cpu").tolist() == [0, 1, 2]
+    # rank 1 of 2 with 5 tokens each holds global tokens 5..9: doc [3,7) then doc [7,10)
+    sp = SPContext.build(comm.SOLO, local_len=5, bounds=[0, 3, 7, 10], rank=1, num_ranks=2)
+    assert sp.positions_T.tolist() == [2, 3, 0, 1, 2]
+    assert SPContext.single(3).positions_T.tolist() == [0, 1, 2]
 
 
 def test_layer_pattern_repeats_to_num_layers():

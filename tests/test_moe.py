@@ -15,8 +15,9 @@ from moe import BalanceTracker, MoELayer, RoutingMetrics, load_balancing_loss, r
 from moe.balance import SequenceLayout, sequence_ids, sequence_load_balancing_loss
 from moe.metrics import max_violation
 from moe.router import GRURouter, make_gru_cell
+from parallel.sp_context import SPContext
 from runtime.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from runtime.model import SPBatch, build_model
+from runtime.model import build_model
 
 EXACT = 1e-12
 FP32_TOL = 1e-6
@@ -255,8 +256,8 @@ def test_chain_with_one_iteration_is_a_plain_moe_block():
     block = model.blocks[0]
     x = torch.randn(1, 5, 32)
     model.tracker.begin_microbatch()
-    y, _ = block(x, SPBatch.single())
-    h = x + block.mix(block.mix_norm(x), SPBatch.single())
+    y, _ = block(x, SPContext.single(5))
+    h = x + block.mix(block.mix_norm(x), SPContext.single(5))
     expected = h + naive_moe(block.ffn, block.ffn_norm(h)[0])[None]
     assert rel_err(y, expected) <= FP32_TOL
 
@@ -316,9 +317,9 @@ def _train_step(checkpointing: bool, router: str, balance: str):
     model = build_model(_tiny(3, checkpointing), ParallelConfig(), moe, domain_names=("a", "b"))
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 256, (1, 20), generator=g)
-    cu = torch.tensor([0, 7, 20])
+    bounds = [0, 7, 20]
     domains = torch.tensor([0] * 7 + [1] * 13)
-    logits = model(tokens, SPBatch.single(cu), domains_T=domains)
+    logits = model(tokens, SPContext.single(20, bounds), domains_T=domains)
     loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:]) + model.aux_loss()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -343,7 +344,7 @@ def test_eval_forward_observes_metrics_but_no_loss_statistics():
     moe = MoEConfig(num_experts=4, top_k=2)
     model = build_model(_tiny(2), ParallelConfig(), moe, domain_names=("a",))
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 6)), SPBatch.single(), domains_T=torch.zeros(6, dtype=torch.long))
+        model(torch.randint(0, 256, (1, 6)), SPContext.single(6), domains_T=torch.zeros(6, dtype=torch.long))
     assert model.aux_loss().item() == 0.0
     assert model.tracker.buffer_tokens_S.sum() == 0
     assert model.routing_metrics.summary()["sites"][0]["tokens"] == 6

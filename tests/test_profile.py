@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from planner.cost import CostModel
-from planner.profile import comm_volumes, fit_coefficients, profile_cost_model
 from runtime.config import load_config
+from runtime.profile import comm_volumes, fit_coefficients, profile_cost_model
 
 FIT_TOL = 1e-9  # noiseless synthetic data: the least-squares fit is exact up to rounding
 

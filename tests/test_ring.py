@@ -40,22 +40,24 @@ def test_ring_and_lasp2_agree():
 
 
 @pytest.mark.parametrize("decay,docs,causal", [("none", "none", True), ("token", "inside", False)])
-def test_ring_bytes(decay, docs, causal):
+@pytest.mark.parametrize("in_context", [True, False], ids=["context", "public"])
+def test_ring_bytes(decay, docs, causal, in_context):
     """Per rank: one state from the left and one to the right per chain (ends of the chain do
-    one of the two), chains: 1 forward + 1 backward causal, twice that bidirectional; plus the
-    8-byte document check when cu_seqlens is given."""
+    one of the two), chains: 1 forward + 1 backward causal, twice that bidirectional; plus, in
+    the public function, the agreement all-gather of 12 int64 per rank."""
     W, T = 4, 6
     B = 1 if docs != "none" else 2
     state = B * H * DK * DV * 4
     chains = 2 if causal else 4
-    for rank, (_, summary) in enumerate(run_on_ranks(W, run_linear_sp_rank, "lasp1", T, decay, docs, causal, seed=5)):
+    results = run_on_ranks(W, run_linear_sp_rank, "lasp1", T, decay, docs, causal, 5, in_context)
+    for rank, (_, summary) in enumerate(results):
         neighbours = (rank > 0) + (rank < W - 1)
         # each chain sends once and receives once through a middle rank; a chain's two ends do one each
         total_hops = chains * neighbours
         sent = summary.get("send", {}).get("bytes_sent", 0)
         received = summary.get("recv", {}).get("bytes_received", 0)
         assert sent + received == total_hops * state, (rank, summary)
-        if docs != "none":
-            assert summary["all_gather"]["bytes_sent"] == (W - 1) * 8
-        else:
+        if in_context:
             assert "all_gather" not in summary
+        else:
+            assert summary["all_gather"]["bytes_sent"] == (W - 1) * 12 * 8

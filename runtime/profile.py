@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 from parallel import comm
 from parallel.context import ParallelContext
+from parallel.sp_context import SPContext
 from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
-from runtime.model import SPBatch, build_model, layer_kinds
+from runtime.model import build_model, layer_kinds
 
 __all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "profile_cost_model"]
 
@@ -117,7 +118,7 @@ def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
     tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(ctx.device)
     index = ranks.index(ctx.rank)
     local = tokens[:, index * T : (index + 1) * T]
-    batch = SPBatch(group, None, index * T)
+    batch = SPContext.build(group, local_len=T, device=ctx.device, rank=index, num_ranks=degree)
     samples = []
     for rep in range(repeats + 1):
         model.zero_grad(set_to_none=True)
@@ -161,7 +162,8 @@ def _activation_mb_per_token(model, length: int, device) -> float:
 
     tokens = torch.randint(0, model.config.vocab_size, (1, length), device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(tokens, SPBatch.single()).flatten(0, 1).float(), tokens.flatten())
+        logits = model(tokens, SPContext.single(length, device=device))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
     loss.backward()
     return saved / length / 2**20
 
