@@ -167,6 +167,29 @@ def slope_per_100(steps: list[int], values: list[float]) -> float | None:
     return 100 * sum((x - mx) * (y - my) for x, y in zip(steps, values, strict=True)) / sxx
 
 
+def slope_stderr_per_100(steps: list[int], values: list[float]) -> float | None:
+    """Standard error of :func:`slope_per_100` (how much of a slope the samples' jitter explains)."""
+    n = len(steps)
+    slope = slope_per_100(steps, values)
+    if slope is None or n < 3:
+        return None
+    mx, my = sum(steps) / n, sum(values) / n
+    b = slope / 100
+    residual = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(steps, values, strict=True))
+    return 100 * (residual / (n - 2) / sum((x - mx) ** 2 for x in steps)) ** 0.5
+
+
+def theil_sen_per_100(steps: list[int], values: list[float]) -> float | None:
+    """Median of the pairwise slopes, per 100 steps: one outlying sample barely moves it."""
+    pairs = [
+        (values[j] - values[i]) / (steps[j] - steps[i])
+        for i in range(len(steps))
+        for j in range(i + 1, len(steps))
+        if steps[j] != steps[i]
+    ]
+    return 100 * sorted(pairs)[len(pairs) // 2] if pairs else None
+
+
 def summarise(samples: dict[int, list[dict]], world: int, max_slope_mib: float) -> dict:
     """The acceptance figures (module docstring) per rank and for the planner worker."""
     out, ok = {"ranks": {}, "criterion": {}}, True
@@ -174,12 +197,18 @@ def summarise(samples: dict[int, list[dict]], world: int, max_slope_mib: float) 
     series["planner"] = [(s["step"], s["planner_rss"]) for s in samples[0] if s.get("planner_rss")]
     for name, points in series.items():
         half = points[len(points) // 2 :]
-        slope = slope_per_100([p[0] for p in half], [p[1] / MIB for p in half])
+        xs, ys = [p[0] for p in half], [p[1] / MIB for p in half]
+        slope = slope_per_100(xs, ys)
         entry = {
             "rss_start_mib": points[0][1] / MIB if points else None,
             "rss_end_mib": points[-1][1] / MIB if points else None,
             "rss_second_half_slope_mib_per_100_steps": slope,
             "rss_ok": slope is not None and slope < max_slope_mib,
+            # context for the verdict, not part of it
+            "rss_second_half_slope_stderr_mib_per_100_steps": slope_stderr_per_100(xs, ys),
+            "rss_second_half_theil_sen_mib_per_100_steps": theil_sen_per_100(xs, ys),
+            "rss_second_half_min_mib": min(ys) if ys else None,
+            "rss_second_half_max_mib": max(ys) if ys else None,
         }
         if name.startswith("rank"):
             rows = samples[int(name[4:])]
@@ -258,7 +287,12 @@ def main() -> None:
     parser.add_argument("--max-slope-mib", type=float, default=2.0, help="RSS slope limit, MiB per 100 steps")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: a new folder under /tmp")
     parser.add_argument("--name", default="soak", help="stem of the JSON/PNG files")
+    parser.add_argument(
+        "--resummarise", type=Path, metavar="JSON", help="recompute the acceptance figures and plot of a saved run"
+    )
     args = parser.parse_args()
+    if args.resummarise is not None:
+        return resummarise(args)
     if args.quick:
         args.steps, args.every, args.checkpoint_every, args.eval_every = 60, 10, 20, 30
     if args.out_dir is None:
@@ -309,6 +343,21 @@ def main() -> None:
     plot(samples, metrics, args.out_dir / f"{args.name}.png", title)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval_losses"}, indent=1))
     print(f"soak: {verdict}; wrote {path} and {args.out_dir / (args.name + '.png')}")
+
+
+def resummarise(args: argparse.Namespace) -> None:
+    """The summary and plot of a saved soak JSON, recomputed from its samples (nothing is rerun)."""
+    payload = json.loads(args.resummarise.read_text())
+    samples = {int(r): rows for r, rows in payload["samples"].items()}
+    world, limit = payload["config"]["world_size"], payload["config"]["max_slope_mib"]
+    payload["summary"].update(summarise(samples, world, limit))
+    out = args.out_dir or args.resummarise.parent
+    path = write_json(args.name, payload, out)
+    verdict = "PASSED" if payload["summary"]["passed"] else "FAILED"
+    steps = payload["summary"]["steps"]
+    title = f"soak: {steps} steps, {world} gloo ranks, FlexSP every step — acceptance {verdict}"
+    plot(samples, payload["metrics"], out / f"{args.name}.png", title)
+    print(f"soak: {verdict}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from runtime.checkpoint import check_checkpoint
 from tests.test_launchers import REPO, SEQMOE, assert_trained, job_env
@@ -297,3 +298,32 @@ def test_checkpoint_truncated_while_read_falls_back_to_the_previous(full_disk_ru
     assert check_checkpoint(root / "step_000004", 2) is not None
     for s in (2, 6, 8):
         assert check_checkpoint(root / f"step_{s:06d}", 2) is None, s
+
+
+def test_safe_engine_records_a_full_disk_instead_of_raising_mid_save(tmp_path, monkeypatch):
+    """DeepSpeed's save must not raise half-way on one rank (its peers would wait in its barriers):
+    the first OSError is recorded, the partial file removed, later writes skipped."""
+    from runtime import faults
+    from runtime.safe_load import SafeCheckpointEngine
+
+    monkeypatch.setenv("SEQMOE_FAULT", "enospc:step=4:rank=1")
+    assert faults.checkpoint_write_error(0, 4) is None and faults.checkpoint_write_error(1, 2) is None
+    engine = SafeCheckpointEngine(None)
+    engine.inject = faults.checkpoint_write_error(1, 4)
+    engine.save({"w": torch.zeros(2)}, str(tmp_path / "a.pt"))
+    engine.save({"w": torch.zeros(2)}, str(tmp_path / "b.pt"))
+    assert "No space left on device" in str(engine.write_error) and not list(tmp_path.iterdir())
+    fine = SafeCheckpointEngine(None)
+    fine.save({"w": torch.ones(2)}, str(tmp_path / "c.pt"))
+    assert fine.write_error is None and torch.load(tmp_path / "c.pt", weights_only=True)["w"].sum() == 2
+
+
+def test_fault_spec_is_checked_and_fires_only_in_the_first_attempt(monkeypatch):
+    from runtime import faults
+
+    with pytest.raises(ValueError, match="SEQMOE_FAULT=.*cannot read 'explode:now'"):
+        faults.parse("explode:now")
+    monkeypatch.setenv("SEQMOE_FAULT", "enospc:step=4")
+    assert faults.checkpoint_write_error(0, 4) is not None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # the restarted job runs clean
+    assert faults.checkpoint_write_error(0, 4) is None
