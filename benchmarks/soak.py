@@ -237,6 +237,31 @@ def summarise(samples: dict[int, list[dict]], world: int, max_slope_mib: float) 
     return out
 
 
+def run_figures(metrics: list[dict]) -> dict:
+    """Step times, plan shapes and losses of the run's metrics rows."""
+    from runtime.outputs import plan_shape
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    times = [m["step_time_s"] for m in metrics]
+    half = len(metrics) // 2
+    shapes = [plan_shape(m["plan"]) for m in metrics]
+    return {
+        "steps": len(metrics),
+        "step_time_median_s": median(times),
+        "step_time_p95_s": sorted(times)[int(0.95 * (len(times) - 1))],
+        "step_time_first_half_median_s": median(times[:half]),
+        "step_time_second_half_median_s": median(times[half:]),
+        # every step's batch differs, so every step gets its own plan; these count its shapes
+        "plan_shapes": {shape: shapes.count(shape) for shape in sorted(set(shapes))},
+        "plan_shape_changes": sum(a != b for a, b in zip(shapes, shapes[1:], strict=False)),
+        "loss_first": metrics[0]["loss"],
+        "loss_last": metrics[-1]["loss"],
+        "eval_losses": [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None],
+    }
+
+
 def plot(samples: dict[int, list[dict]], metrics: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -309,24 +334,9 @@ def main() -> None:
         for r in range(args.world_size)
     }
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = summarise(samples, args.world_size, args.max_slope_mib)
-    times = sorted(m["step_time_s"] for m in metrics)
-    shapes = [json.dumps(m["plan"], sort_keys=True) for m in metrics]
+    summary = summarise(samples, args.world_size, args.max_slope_mib) | run_figures(metrics)
     summary.update(
-        steps=len(metrics),
-        wall_s=result["wall_s"],
-        step_time_median_s=times[len(times) // 2],
-        step_time_p95_s=times[int(0.95 * (len(times) - 1))],
-        step_time_first_half_median_s=sorted(m["step_time_s"] for m in metrics[: len(metrics) // 2])[len(metrics) // 4],
-        step_time_second_half_median_s=sorted(m["step_time_s"] for m in metrics[len(metrics) // 2 :])[
-            (len(metrics) - len(metrics) // 2) // 2
-        ],
-        distinct_plans=len(set(shapes)),
-        plan_changes=sum(a != b for a, b in zip(shapes, shapes[1:], strict=False)),
-        loss_first=metrics[0]["loss"],
-        loss_last=metrics[-1]["loss"],
-        eval_losses=[(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None],
-        checkpoints_left=sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")),
+        wall_s=result["wall_s"], checkpoints_left=sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     )
     payload = {
         "machine": machine_info(),
@@ -350,7 +360,9 @@ def resummarise(args: argparse.Namespace) -> None:
     payload = json.loads(args.resummarise.read_text())
     samples = {int(r): rows for r, rows in payload["samples"].items()}
     world, limit = payload["config"]["world_size"], payload["config"]["max_slope_mib"]
-    payload["summary"].update(summarise(samples, world, limit))
+    payload["summary"].update(summarise(samples, world, limit) | run_figures(payload["metrics"]))
+    for stale in ("distinct_plans", "plan_changes"):  # older field names
+        payload["summary"].pop(stale, None)
     out = args.out_dir or args.resummarise.parent
     path = write_json(args.name, payload, out)
     verdict = "PASSED" if payload["summary"]["passed"] else "FAILED"

@@ -100,8 +100,12 @@ def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep
             tmp.mkdir(parents=True)
         except OSError as exc:
             error = exc
-    if _from_rank0(ctx, None if error is None else f"rank 0: {error}") is None:
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+    failed = _from_rank0(ctx, None if error is None else f"rank 0: {error}")
+    if failed is None:
+        try:  # DeepSpeed's own writes go through ``safe``; this catches what it writes itself (a script copy)
+            engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        except OSError as exc:
+            safe.write_error = safe.write_error or exc
         if safe.write_error is None:
             try:
                 save_durable(rng_state.capture() | {"step": step}, tmp / f"rank{ctx.rank}.pt")
@@ -116,8 +120,6 @@ def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep
             except OSError as exc:
                 failed = f"rank 0: {exc}"
         failed = _from_rank0(ctx, failed)
-    else:
-        failed = f"rank 0: {error}"
     safe.write_error = safe.inject = None
     if failed is not None:
         if ctx.rank == 0:

@@ -222,7 +222,7 @@ def test_soak_quick_records_memory_descriptors_and_groups(tmp_path):
     assert (tmp_path / "soak.png").stat().st_size > 0
     summary = result["summary"]
     assert summary["steps"] == 60 and [m["step"] for m in result["metrics"]] == list(range(60))
-    assert summary["distinct_plans"] >= 2  # FlexSP plans change from step to step
+    assert len(summary["plan_shapes"]) >= 2  # FlexSP plans change from step to step
     for rank in range(4):
         rows = result["samples"][str(rank)]
         assert [s["step"] for s in rows] == [0, 10, 20, 30, 40, 50, 59]

@@ -190,7 +190,7 @@ def test_killed_worker_restarts_and_resumes_exactly(tmp_path):
     assert (run_dir / "checkpoints" / f"step_{STEPS:06d}" / "manifest.json").is_file()
 
 
-def _run(run_dir: Path, *extra: str, fault: str | None, timeout_s: float = 300) -> tuple[int, str]:
+def _run(run_dir: Path, *extra: str, fault: str | None, timeout_s: float = 900) -> tuple[int, str]:
     """Launch a job with ``fault`` injected, wait for it; (exit status, its whole output)."""
     log = run_dir.with_suffix(".log")
     job = _launch(run_dir, *extra, log=log, fault=fault)
@@ -214,7 +214,7 @@ def _assert_checkpoints_valid(run_dir: Path, steps: list[int]) -> None:
 def test_hung_rank_times_out_names_rank_and_step_and_restarts(tmp_path):
     run_dir = tmp_path / "hang"
     status, output = _run(
-        run_dir, "--launch.max_restarts=1", "--parallel.timeout_s=30", fault="hang:rank=1:step=3", timeout_s=400
+        run_dir, "--launch.max_restarts=1", "--parallel.timeout_s=30", fault="hang:rank=1:step=3", timeout_s=1200
     )
     assert status == 0, output[-6000:]
     assert "[fault] rank 1 hangs at step 3" in output
