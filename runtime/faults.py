@@ -97,6 +97,6 @@ def _spawned_children(pid: int) -> list[int]:
             cmd = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid and b"multiprocessing" in cmd:
+        if int(text[text.rindex(")") + 2 :].split()[1]) == pid and b"spawn_main" in cmd:
             found.append(int(stat.parent.name))
     return found

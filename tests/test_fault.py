@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -246,7 +247,9 @@ def test_dead_planner_worker_falls_back_to_planning_in_process(tmp_path):
     assert status == 0, output[-6000:]
     assert "[fault] killing the planner worker" in output, output[-6000:]
     warnings = [line for line in output.splitlines() if "planner worker process died" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: step 3:"), warnings
+    # the plan of step 3 may have been ready before the kill: the loss shows at step 3 or 4
+    assert len(warnings) == 1 and re.search(r"warning: step [34]: the planner worker process died", warnings[0])
+    assert "resource_tracker" not in output  # only the pool worker was killed
     assert f"done: step {STEPS - 1} loss" in output
     assert_trained(run_dir, STEPS)
 
@@ -263,7 +266,8 @@ def full_disk_run(tmp_path_factory):
 def test_full_disk_during_a_checkpoint_stops_cleanly_and_keeps_the_previous(full_disk_run):
     run_dir, status, output = full_disk_run
     assert status != 0, output[-6000:]
-    lines = [line for line in output.splitlines() if line.startswith("seqmoe train:")]
+    # (a progress bar may share the line: tqdm moves back with \r, not \n)
+    lines = [line[line.index("seqmoe train:") :] for line in output.splitlines() if "seqmoe train:" in line]
     assert lines, output[-6000:]
     for line in lines:  # one line per rank, the same story
         assert "checkpoint step_000006 not written" in line and "No space left on device" in line, line
@@ -293,11 +297,8 @@ def test_checkpoint_truncated_while_read_falls_back_to_the_previous(full_disk_ru
     assert f"resumed from {run_dir / 'checkpoints'}/step_000002 (step 2)" in output, output[-6000:]
     assert f"done: step {STEPS - 1} loss" in output
     assert_trained(run_dir, STEPS)
-    # the truncated checkpoint is left as it is (a run never rewrites history); the new ones are valid
-    root = run_dir / "checkpoints"
-    assert check_checkpoint(root / "step_000004", 2) is not None
-    for s in (2, 6, 8):
-        assert check_checkpoint(root / f"step_{s:06d}", 2) is None, s
+    # the resumed run redid steps 2..7 and wrote checkpoint 4 again (over the truncated one)
+    _assert_checkpoints_valid(run_dir, [2, 4, 6, 8])
 
 
 def test_safe_engine_records_a_full_disk_instead_of_raising_mid_save(tmp_path, monkeypatch):
