@@ -49,6 +49,8 @@ __all__ = [
     "dist_all_reduce",
     "dist_all_to_all",
     "dist_broadcast",
+    "dist_irecv",
+    "dist_isend",
     "dist_recv",
     "dist_reduce_scatter",
     "dist_send",
@@ -285,6 +287,23 @@ def dist_recv(like: torch.Tensor, *, src: int, group: Group) -> torch.Tensor:
     _record("recv", 0, _nbytes(out))
     dist.recv(out, src=global_rank(group, src), group=group)
     return out
+
+
+def dist_isend(x: torch.Tensor, *, dst: int, group: Group, tag: int = 0):
+    """Non-blocking send to group rank ``dst``; returns the work handle (wait before reusing ``x``)."""
+    if isinstance(group, SoloGroup):
+        raise ValueError("send needs a group of at least two ranks, got SOLO")
+    _record("send", _nbytes(x), 0)
+    return dist.isend(x.contiguous(), dst=global_rank(group, dst), group=group, tag=tag)
+
+
+def dist_irecv(like: torch.Tensor, *, src: int, group: Group, tag: int = 0):
+    """Non-blocking receive from group rank ``src``: ``(out, handle)``; read ``out`` after ``handle.wait()``."""
+    if isinstance(group, SoloGroup):
+        raise ValueError("recv needs a group of at least two ranks, got SOLO")
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    _record("recv", 0, _nbytes(out))
+    return out, dist.irecv(out, src=global_rank(group, src), group=group, tag=tag)
 
 
 def dist_broadcast(x: torch.Tensor, *, src: int, group: Group) -> torch.Tensor:

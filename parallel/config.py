@@ -16,7 +16,8 @@ class ParallelConfig:
     """auto = NCCL when CUDA is available, else gloo."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    linear_sp: Literal["lasp2", "lasp1", "ulysses"] = "lasp2"
+    linear_sp: Literal["lasp2", "lasp1", "ulysses", "scan"] = "lasp2"
+    """scan = pipelined state passing (parallel/scan.py)."""
     softmax_sp: Literal["allgather", "ulysses"] = "allgather"
     """allgather = LASP-2H."""
     timeout_s: float = 600.0

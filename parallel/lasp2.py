@@ -410,3 +410,12 @@ def lasp2_attention(
         "lasp2_attention", q, k, v, group=group, causal=causal, log_decay=log_decay, cu_seqlens=cu_seqlens
     )
     return lasp2_attention_in_context(q, k, v, sp, causal=causal, log_decay=log_decay, chunk_size=chunk_size)
+
+
+def __getattr__(name: str):
+    # re-export of the delta-rule op (parallel/lasp2_delta.py), lazily: that module imports this one
+    if name == "lasp2_delta_rule_attention":
+        from parallel.lasp2_delta import lasp2_delta_rule_attention
+
+        return lasp2_delta_rule_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

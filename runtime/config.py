@@ -70,8 +70,12 @@ class ModelConfig:
     """Recompute each block in the backward pass (the MoE router state is a checkpoint input)."""
 
     def validate(self) -> None:
-        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
-            fail("model.layer_pattern", self.layer_pattern, "use a non-empty string of L (linear) and S (softmax)")
+        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S", "G"}:
+            fail(
+                "model.layer_pattern",
+                self.layer_pattern,
+                "use a non-empty string of L (linear) and S (softmax) letters, or G (gated DeltaNet)",
+            )
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "ffn_hidden", "vocab_size"):
             positive(f"model.{name}", getattr(self, name))
         if self.d_model % self.num_heads:

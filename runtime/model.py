@@ -2,7 +2,8 @@
 
 ``model.layer_pattern`` ("LLLS", repeated to ``num_layers``) gives each layer's token mixer:
 L = linear attention with a learned per-head decay (LASP-2, or LASP-1 / Ulysses by config),
-S = softmax attention with RoPE and GQA (LASP-2H all-gather, or Ulysses). Each layer's FFN is a
+S = softmax attention with RoPE and GQA (LASP-2H all-gather, or Ulysses), G = Gated DeltaNet
+(runtime/deltanet.py). Each layer's FFN is a
 SwiGLU MLP (``ffn = "dense"``) or an MoE layer (``ffn = "moe"``, moe/). Pre-norm residual blocks
 with RMSNorm, byte-level vocabulary, optional tied embeddings.
 
@@ -33,10 +34,12 @@ from moe.router import make_gru_cell
 from parallel.comm import Group
 from parallel.lasp2 import lasp2_attention_in_context
 from parallel.ring import lasp1_attention_in_context
+from parallel.scan import scan_attention_in_context
 from parallel.softmax_sp import allgather_attention_in_context
 from parallel.sp_context import SPContext
 from parallel.ulysses import ulysses_attention_in_context, ulysses_linear_attention_in_context
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
+from runtime.deltanet import GatedDeltaNet
 
 __all__ = ["HybridLM", "SPBatch", "SPContext", "build_model", "layer_kinds"]
 
@@ -103,6 +106,7 @@ class LinearAttention(nn.Module):
         attend = {
             "lasp2": lasp2_attention_in_context,
             "lasp1": lasp1_attention_in_context,
+            "scan": scan_attention_in_context,
             "ulysses": ulysses_linear_attention_in_context,
         }[self.method]
         o = attend(q, k, v, sp, log_decay=self.log_decay(x_BTD))
@@ -148,7 +152,8 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mix_norm, self.ffn_norm = RMSNorm(config.d_model), RMSNorm(config.d_model)
-        self.mix = LinearAttention(config, parallel) if kind == "L" else SoftmaxAttention(config, parallel)
+        mixers = {"L": LinearAttention, "S": SoftmaxAttention, "G": GatedDeltaNet}
+        self.mix = mixers[kind](config, parallel)
         self.ffn = ffn
 
     def forward(self, x: Tensor, sp: SPContext, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from parallel import comm
 from parallel.context import ParallelContext
+from parallel.scan import DEFAULT_PIECES
 from parallel.sp_context import SPContext
 from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
@@ -59,21 +60,27 @@ def comm_volumes(config: Config, elem_bytes: int) -> tuple[str, float, float]:
     m, p = config.model, config.parallel
     head_dim = m.d_model // m.num_heads
     kinds = layer_kinds(m)
-    num_linear, num_softmax = kinds.count("L"), kinds.count("S")
-    if p.linear_sp == "ulysses" and p.softmax_sp == "allgather" and num_linear and num_softmax:
+    num_linear, num_softmax, num_gdn = kinds.count("L"), kinds.count("S"), kinds.count("G")
+    if p.linear_sp == "ulysses" and p.softmax_sp == "allgather" and (num_linear or num_gdn) and num_softmax:
         raise ValueError(
             "seqmoe profile models one kind of sequence-proportional traffic per model: combine "
             "parallel.linear_sp=ulysses with parallel.softmax_sp=ulysses, or use lasp2/lasp1 with allgather"
         )
     # LASP-2 / LASP-1: one fp32 state per peer per linear layer, forward and backward
     per_group = 0.0 if p.linear_sp == "ulysses" else num_linear * 2 * m.num_heads * head_dim * head_dim * 4
+    # gated DeltaNet layers: LASP-2 gathers state + transition forward and dM backward (3 states'
+    # worth per peer); the ring and scan pass one state each way
+    if p.linear_sp != "ulysses":
+        per_group += num_gdn * (3 if p.linear_sp == "lasp2" else 2) * m.num_heads * head_dim * head_dim * 4
+    if p.linear_sp == "scan":  # pieces pipeline: a hop costs 1/pieces of a state (parallel/scan.py)
+        per_group /= DEFAULT_PIECES
     if p.softmax_sp == "allgather":
         # K and V of every token, forward; their gradients, backward
         per_token = num_softmax * 2 * 2 * m.num_kv_heads * head_dim * elem_bytes
         return "allgather", float(per_token), float(per_group)
     # Ulysses: q, k, v, o forward and their gradients backward, all-to-all
     width = m.num_heads * head_dim
-    per_token = (num_softmax + num_linear) * 2 * 4 * width * elem_bytes
+    per_token = (num_softmax + num_linear + num_gdn) * 2 * 4 * width * elem_bytes
     return "alltoall", float(per_token), float(per_group)
 
 

@@ -25,6 +25,8 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
         "256",
         "--softmax-lengths",
         "128",
+        "--delta-lengths",
+        "128",
         "--repeats",
         "1",
         "--out-dir",
@@ -38,15 +40,24 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
     methods = {(r["kind"], r["method"]) for r in result["rows"]}
     assert methods == {
         ("linear", "LASP-2"),
+        ("linear", "Scan"),
         ("linear", "LASP-1"),
+        ("delta", "LASP-2"),
+        ("delta", "Scan"),
+        ("delta", "LASP-1"),
         ("linear", "Ulysses"),
         ("softmax", "LASP-2H"),
         ("softmax", "Ulysses"),
     }
     lasp2 = next(r for r in result["rows"] if r["method"] == "LASP-2")
-    # B=1, H=4, d=64 fp32 state; forward (+8-byte fingerprint) and backward, one peer
-    assert lasp2["bytes_sent_max_rank"] == (4 * 64 * 64 + 2) * 4 + 4 * 64 * 64 * 4
+    # B=1, H=4, d=64 fp32 state; forward and backward, one peer (the runtime's in-context entry)
+    assert lasp2["bytes_sent_max_rank"] == 4 * 64 * 64 * 4 + 4 * 64 * 64 * 4
     assert "W=2,T=256" in result["summary"]["lasp1_over_lasp2_time"]
+    delta = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "LASP-2")
+    # the delta rule gathers state and transition (4 x 64 x (64 + 64)) forward, dM backward
+    assert delta["bytes_sent_max_rank"] == 4 * 64 * 128 * 4 + 4 * 64 * 64 * 4
+    scan = next(r for r in result["rows"] if r["kind"] == "delta" and r["method"] == "Scan")
+    assert scan["bytes_sent_max_rank"] == 4 * 64 * 64 * 4  # one state, forward or backward, per end rank
 
 
 def test_bench_rejects_lengths_that_do_not_split(tmp_path):
@@ -233,3 +244,13 @@ def test_soak_quick_records_memory_descriptors_and_groups(tmp_path):
     assert {"rss", "fds", "groups"} <= set(summary["criterion"]) and isinstance(summary["passed"], bool)
     assert summary["checkpoints_left"] == ["step_000040", "step_000060"]
     assert math.isfinite(summary["loss_last"]) and summary["loss_last"] < summary["loss_first"]
+
+
+def test_gpu_delta_check_smoke_run_on_cpu(tmp_path):
+    """The prepared GPU check of the delta rule runs end to end (torch rows only on CPU)."""
+    cmd = [sys.executable, "benchmarks/gpu_delta_check.py", "--device", "cpu", "--lengths", "128"]
+    cmd += ["--heads", "2", "--head-dim", "8", "--repeats", "1", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "gpu_delta_check.json").read_text())
+    assert result["fla_available"] is False
+    assert {row["backend"] for row in result["accuracy"]} == {"torch"} and len(result["throughput"]) == 1
