@@ -26,12 +26,11 @@ Policies:
 
 Sequences are capped at min(192K, the longest sequence N ranks can hold), longer draws redrawn
 (FlexSP drops them). ZeRO shards the model states over all N ranks (the presets are built for
-N). Above ``--pod-ranks`` (512) ranks the cluster is planned as independent pods of that many
-ranks, each with its own share of the batch, and the step lasts as long as the slowest pod, for
-every policy alike: ``plan_step`` cuts micro-batches with an exact DP whose arrays are
-(K+1)^2 float64 for K sequences (planner/bucketing.cut_microbatches), i.e. 8.6 GB each for the
-32,768 sequences of 4096 ranks x 8; a whole-cluster solve reached 22 GB resident on this
-23 GB machine and was killed.
+N). Every cluster up to 4096 ranks is planned whole (``plan_step`` cuts micro-batches in
+O(M log K log S) and plans 4096 ranks x 8 sequences in well under a second of CPU time). With
+``--pod-ranks`` P smaller than N the cluster is planned as independent pods of P ranks, each
+with its own share of the batch, and the step lasts as long as the slowest pod, for every
+policy alike.
 
 Writes projection.json and projection.png under benchmarks/results/ (or --out-dir). Every
 number except ``plan_wall_s`` is a cost-model prediction, not a measurement.
@@ -262,7 +261,7 @@ def main() -> None:
         help=f"`seqmoe profile` JSON of the tiny-cpu model for {CPU_MODEL} (default: e2e_profile.json in --out-dir, "
         "else in benchmarks/results/)",
     )
-    parser.add_argument("--pod-ranks", type=int, default=512, help="plan larger clusters as pods of this many ranks")
+    parser.add_argument("--pod-ranks", type=int, default=4096, help="plan larger clusters as pods of this many ranks")
     parser.add_argument(
         "--time-limit", type=float, default=5.0, help="plan_step time limit per pod (s; FlexSP uses 5-15 s)"
     )

@@ -5,13 +5,21 @@ Nothing in seqmoe reads process groups from module globals: whoever communicates
 groups: power-of-two blocks of consecutive ranks, a degree-d group starting at a multiple of d
 (so a group of <= 8 ranks stays inside an 8-GPU node). Creating a group is collective over all
 ranks, so every rank creates the same groups in the same order, eagerly at start-up; after
-that a group is found by its rank tuple. A world of W ranks caches at most W-1 groups.
+that a group is found by its rank tuple. A world of W ranks caches at most W-1 buddy groups.
+
+Plans with groups of any size (``StepPlan.group_sizes == 'any'``) use blocks of consecutive
+ranks that are not buddy groups. ``ensure_groups`` creates those collectively, in plan order,
+when a plan needs them, and keeps at most ``max(W, the current plan's)`` of them, evicting the
+least recently used: a world of W ranks then caches at most (W - 1) + max(W, P) groups, P the
+distinct non-buddy groups of one plan.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -75,6 +83,10 @@ class ParallelContext:
     backend: str
     world: Group
     _groups: dict[tuple[int, ...], Group] = field(default_factory=dict, repr=False)
+    _extra: OrderedDict[tuple[int, ...], Group | None] = field(default_factory=OrderedDict, repr=False)
+    """Non-buddy groups made by ensure_groups, least recently used first (on every rank, members or not)."""
+    max_extra_groups: int | None = field(default=None, repr=False)
+    """Non-buddy groups kept beyond the current plan's (None: the world size)."""
 
     @classmethod
     def initialize(
@@ -129,6 +141,41 @@ class ParallelContext:
             if self.rank in ranks:
                 self._groups[ranks] = group
 
+    def ensure_groups(self, groups: Iterable[Sequence[int]]) -> None:
+        """Create the groups (rank tuples, e.g. every group of a plan) that are not cached yet.
+
+        Collective over the world: every rank calls it with the same groups in the same order (a
+        broadcast plan gives them). Beyond max(W, this call's groups) non-buddy groups the least
+        recently used ones not needed now are destroyed, the same ones on every rank."""
+        wanted: list[tuple[int, ...]] = []
+        buddies = set(buddy_group_ranks(self.world_size))
+        for ranks in groups:
+            ranks = tuple(int(r) for r in ranks)
+            if len(ranks) >= 2 and ranks not in wanted and ranks not in buddies:
+                if any(not 0 <= r < self.world_size for r in ranks):
+                    raise ValueError(f"group {ranks} names a rank outside the {self.world_size}-rank world")
+                wanted.append(ranks)
+        world_ranks = tuple(range(self.world_size))
+        for ranks in wanted:
+            if ranks in self._extra:
+                self._extra.move_to_end(ranks)
+                continue
+            # new_group is collective over all ranks: everyone calls it, in this same order
+            group = self.world if ranks == world_ranks else dist.new_group(list(ranks))
+            member = self.rank in ranks
+            self._extra[ranks] = group if member else None
+            if member:
+                self._groups[ranks] = group
+        keep = self.world_size if self.max_extra_groups is None else self.max_extra_groups
+        limit = max(keep, len(wanted))
+        while len(self._extra) > limit:
+            victim = next(ranks for ranks in self._extra if ranks not in wanted)
+            group = self._extra.pop(victim)
+            if group is not None:
+                del self._groups[victim]
+                if group is not self.world:
+                    dist.destroy_process_group(group)
+
     @property
     def num_cached_groups(self) -> int:
         """Process groups this rank holds a handle to (members only; SOLO is not a group)."""
@@ -145,7 +192,7 @@ class ParallelContext:
             raise ValueError(
                 f"group {ranks} is not a buddy group of a {self.world_size}-rank world: groups are "
                 "power-of-two blocks of consecutive ranks starting at a multiple of their size "
-                "(or the whole world)"
+                "(or the whole world); other groups must first be made by ensure_groups"
             )
         return self._groups[ranks]
 
@@ -160,6 +207,7 @@ class ParallelContext:
 
     def destroy(self) -> None:
         self._groups.clear()
+        self._extra.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 

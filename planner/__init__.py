@@ -1,9 +1,10 @@
-"""Per-step heterogeneity-adaptive SP planning by linear programming (FlexSP, extended).
+"""Per-step heterogeneity-adaptive SP planning (FlexSP's problem, planned deterministically).
 
 ``plan_step(lengths, num_ranks=..., cost=CostModel.preset(...))`` turns a global batch of
 sequence lengths into a :class:`StepPlan`: micro-batches of SP groups of mixed power-of-two
-degrees. ``planner.baselines`` has static-degree and batch-adaptive plans for comparison;
-``planner.async_plan.AsyncPlanner`` plans the next step in the background.
+degrees (or of any size, ``group_sizes='any'``). ``planner.baselines`` has static-degree and
+batch-adaptive plans, ``planner.megatron_dcp`` Megatron-core's dynamic-CP scheduler, for
+comparison; ``planner.async_plan.AsyncPlanner`` plans the next step in the background.
 """
 
 from planner.cost import CostModel

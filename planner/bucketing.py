@@ -1,8 +1,9 @@
-"""Length bucketing and micro-batch cuts: the two exact 1-D dynamic programs of the planner.
+"""Length bucketing and micro-batch cuts: the two 1-D partitions of the planner.
 
-Both work on lengths sorted ascending (ties by index, so results are deterministic) and are
-vectorised over one DP layer with numpy: O(Q·m²) array work for m distinct values, which is a
-few milliseconds for a 512-sequence batch.
+Both work on lengths sorted ascending (ties by index, so results are deterministic). The
+bucketing is an exact DP vectorised over one layer with numpy (O(Q·m²) for m distinct values;
+the planner buckets only small micro-batches for its MILP). The micro-batch cut is a bisection
+with binary searches on prefix sums, O(M·log K·log Σs), so it scales to any batch.
 """
 
 from __future__ import annotations
@@ -79,42 +80,58 @@ def bucket_error(lengths: list[int], buckets: list[tuple[int, list[int]]]) -> in
 
 
 def cut_microbatches(sorted_lengths: list[int], num_microbatches: int) -> list[tuple[int, int]]:
-    """Cut a list into ``num_microbatches`` non-empty consecutive slices ``(start, stop)`` that
-    minimise the largest slice sum; among those, minimise Σ (slice sum)² (the most even cut).
+    """Cut a list into ``num_microbatches`` non-empty consecutive slices ``(start, stop)`` whose
+    largest slice sum B* is the least possible, as evenly as that allows. O(M·log K·log Σs).
 
-    Both objectives are exact DPs over prefix sums P: with F_m(j) the best value for the
-    first j items in m slices,
-        min-max:   F_m(j) = min_{i<j} max(F_{m−1}(i), P_j − P_i)
-        balance:   G_m(j) = min_{i<j, P_j − P_i ≤ B*} G_{m−1}(i) + (P_j − P_i)²
-    where B* = F_M(K).
+    B*: bisection over integers for the least B that a greedy cover (each slice as long as fits
+    in B, found by binary search on the prefix sums P) does in at most M slices; splitting a
+    slice never raises the maximum, so at most M slices means exactly M are possible.
+    Evenness: each cut j in turn takes the position nearest the even split of what is left,
+    P_prev + (P_K − P_prev)/(M − j + 1), among the positions that keep the slice ≤ B* and leave
+    a suffix that M − j slices of ≤ B* can still cover (the greedy cover from the right says
+    where that is). Every choice stays feasible, so the cut always exists.
     """
     k = len(sorted_lengths)
-    if not 1 <= num_microbatches <= k:
-        raise ValueError(f"num_microbatches: got {num_microbatches}; must be in [1, {k}] for {k} sequences")
-    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(sorted_lengths, dtype=np.float64))])
-    span = prefix[None, :] - prefix[:, None]
-    invalid = np.arange(k + 1)[:, None] >= np.arange(k + 1)[None, :]
-    span = np.where(invalid, np.inf, span)
-    best_max = _layered_dp(span, num_microbatches, np.maximum)[0]
-    # Tolerance: float sums of ints are exact here (< 2**53), the epsilon only guards the comparison.
-    squares = np.where(span <= best_max + 1e-6, span * span, np.inf)
-    _, parents = _layered_dp(squares, num_microbatches, np.add)
-    cuts = [k]
-    for parent in reversed(parents):
-        cuts.append(int(parent[cuts[-1]]))
-    cuts = cuts[::-1]
+    m = num_microbatches
+    if not 1 <= m <= k:
+        raise ValueError(f"num_microbatches: got {m}; must be in [1, {k}] for {k} sequences")
+    prefix = np.concatenate([[0], np.cumsum(np.asarray(sorted_lengths, dtype=np.int64))])
+    best = _least_bottleneck(prefix, m)
+    # starts[t]: the leftmost start from which t slices of <= best cover the rest (greedy from the right).
+    starts = [k]
+    for _ in range(m):
+        starts.append(int(np.searchsorted(prefix, prefix[starts[-1]] - best, side="left")))
+    cuts = [0]
+    for j in range(1, m):
+        prev = cuts[-1]
+        lo = max(prev + 1, starts[m - j])
+        hi = min(int(np.searchsorted(prefix, prefix[prev] + best, side="right")) - 1, k - (m - j))
+        ideal = prefix[prev] + (prefix[k] - prefix[prev]) / (m - j + 1)
+        at = int(np.searchsorted(prefix, ideal, side="left"))
+        # The nearer of the two positions around the ideal (the earlier on a tie), clamped.
+        options = [p for p in (at - 1, at) if lo <= p <= hi] or [lo if ideal < prefix[lo] else hi]
+        cuts.append(min(options, key=lambda p: (abs(prefix[p] - ideal), p)))
+    cuts.append(k)
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _layered_dp(cost: np.ndarray, layers: int, combine) -> tuple[float, list[np.ndarray]]:
-    """F_m(j) = min_i combine(F_{m−1}(i), cost[i, j]) for m = 1 … layers; returns F_layers(end), parents."""
-    n = cost.shape[0]
-    value = np.full(n, np.inf)
-    value[0] = 0.0
-    parents = []
-    for _ in range(layers):
-        total = combine(value[:, None], cost)
-        parent = np.argmin(total, axis=0)
-        value = total[parent, np.arange(n)]
-        parents.append(parent)
-    return float(value[-1]), parents
+def _least_bottleneck(prefix: np.ndarray, m: int) -> int:
+    """The least B such that the items (prefix sums ``prefix``) split into <= m runs of sum <= B."""
+    items = np.diff(prefix)
+    lo, hi = int(max(items.max(), -(-int(prefix[-1]) // m))), int(prefix[-1])
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _greedy_runs(prefix, mid, m) <= m:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _greedy_runs(prefix: np.ndarray, bound: int, limit: int) -> int:
+    """Runs of sum <= bound a left-to-right greedy cover needs (stops counting past ``limit``)."""
+    at, runs, end = 0, 0, len(prefix) - 1
+    while at < end and runs <= limit:
+        at = int(np.searchsorted(prefix, prefix[at] + bound, side="right")) - 1
+        runs += 1
+    return runs

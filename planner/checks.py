@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.cost import CostModel, is_power_of_two
 
@@ -17,12 +18,15 @@ log = logging.getLogger("planner.solver")
 
 def validate_batch(lengths: list[int], *, num_ranks: int, cost: CostModel, max_len_policy: str = "error") -> list[int]:
     """Check the inputs; return the indices to drop (policy 'drop'), or raise ValueError."""
-    if not is_power_of_two(num_ranks):
-        raise ValueError(
-            f"num_ranks: got {num_ranks!r}; the planner's buddy groups need a power-of-two number of ranks"
-        )
     if not isinstance(cost, CostModel):
         raise ValueError(f"cost: expected a planner.cost.CostModel, got {type(cost).__name__}")
+    if cost.group_sizes == "pow2" and not is_power_of_two(num_ranks):
+        raise ValueError(
+            f"num_ranks: got {num_ranks!r}; the planner's buddy groups need a power-of-two number of ranks "
+            "(or group_sizes='any')"
+        )
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ValueError(f"num_ranks: got {num_ranks!r}; must be a positive integer")
     if max_len_policy not in ("error", "drop"):
         raise ValueError(f"max_len_policy: got {max_len_policy!r}; allowed: 'error', 'drop'")
     if isinstance(lengths, str | bytes | dict) or not hasattr(lengths, "__len__") or len(lengths) == 0:
@@ -74,16 +78,20 @@ class StepBounds:
 
 
 def step_bounds(lengths: list[int], num_ranks: int, cost: CostModel) -> StepBounds:
+    """The bounds of :func:`lower_bound_s`, vectorised over the distinct lengths."""
     degrees = cost.degrees(num_ranks)
     cluster = max(num_ranks // d * cost.token_capacity(d) for d in degrees)
-    work = longest = 0.0
-    for s, count in Counter(lengths).items():
-        ok = [d for d in degrees if cost.token_capacity(d) >= s]
-        work += count * min(d * cost.seq_time_ms(s, d) for d in ok) / num_ranks
-        longest = max(longest, min(cost.group_overhead_ms(d) + cost.seq_time_ms(s, d) for d in ok))
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    rank_time = np.full(len(values), np.inf)
+    alone = np.full(len(values), np.inf)
+    for d in degrees:
+        fits = values <= cost.token_capacity(d)
+        t = cost.seq_times_ms(values, d)
+        rank_time = np.where(fits, np.minimum(rank_time, d * t), rank_time)
+        alone = np.where(fits, np.minimum(alone, cost.group_overhead_ms(d) + t), alone)
     return StepBounds(
-        m_min=max(1, math.ceil(sum(lengths) / cluster)),
+        m_min=max(1, math.ceil(int(values @ counts) / cluster)),
         overhead_ms=min(cost.group_overhead_ms(d) for d in degrees),
-        work_ms=work,
-        longest_ms=longest,
+        work_ms=float(rank_time @ counts) / num_ranks,
+        longest_ms=float(alone.max()),
     )

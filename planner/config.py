@@ -18,7 +18,11 @@ class PlannerConfig:
     cost_model: str = "auto"
     """A preset name, a cost-model JSON path, or auto (the preset for this model on this machine)."""
     solver: Literal["highs", "cbc"] = "highs"
+    """MILP backend for micro-batches of at most 8 sequences (larger ones are planned combinatorially)."""
     time_limit_s: float = 1.0
+    """Safety cap (s) on each small MILP; plans do not depend on it in practice (planner.solver)."""
+    group_sizes: Literal["pow2", "any"] = "pow2"
+    """SP group sizes: pow2 (buddy groups) or any (contiguous blocks of any size, on any world size)."""
     async_plan: bool = True
     """Plan step i+1 on rank 0 while step i trains."""
 

@@ -37,10 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["CostModel", "is_power_of_two", "zero_model_state_gb"]
 
 _MIB = 2.0**20
 _SEQ_COMM_KINDS = ("alltoall", "allgather")
+_GROUP_SIZES = ("pow2", "any")
 
 
 def is_power_of_two(n: object) -> bool:
@@ -102,6 +105,9 @@ class CostModel:
     """Transient gathered K/V per token of the group (LASP-2H softmax layer), scaled by (d-1)/d."""
     max_degree: int | None = None
     """Largest allowed SP degree (e.g. Ulysses: the number of KV heads); None = no limit."""
+    group_sizes: str = "pow2"
+    """SP degrees the planner may use: 'pow2' (buddy groups) or 'any' (contiguous blocks of any
+    size; with all-to-all traffic and a max_degree, only its divisors, since Ulysses splits heads)."""
     name: str = "custom"
     notes: str = ""
     """Provenance of the coefficients."""
@@ -130,6 +136,8 @@ class CostModel:
             raise ValueError("ep_bandwidth_gbps: must be > 0 when moe_bytes_per_token > 0")
         if self.max_degree is not None and not is_power_of_two(self.max_degree):
             raise ValueError(f"max_degree: got {self.max_degree!r}; must be a power of two >= 1 or null")
+        if self.group_sizes not in _GROUP_SIZES:
+            raise ValueError(f"group_sizes: got {self.group_sizes!r}; allowed: 'pow2', 'any'")
         if not isinstance(self.name, str) or not isinstance(self.notes, str):
             raise ValueError("name and notes must be strings")
 
@@ -139,6 +147,11 @@ class CostModel:
             return self.bandwidth_gbps[degree]
         if self.bandwidth_gbps and degree > max(self.bandwidth_gbps):
             return self.bandwidth_gbps[max(self.bandwidth_gbps)]
+        # A non-power-of-two group spans the topology of the next degree up (a group of 6 runs at
+        # the 8-rank, intra-node bandwidth; one of 12 at the 16-rank, inter-node one).
+        above = [d for d in self.bandwidth_gbps if d >= degree]
+        if degree >= 2 and above and not is_power_of_two(degree):
+            return self.bandwidth_gbps[min(above)]
         raise ValueError(f"bandwidth_gbps has no entry for degree {degree} (keys: {sorted(self.bandwidth_gbps)})")
 
     def seq_comm_fraction(self, degree: int) -> float:
@@ -157,6 +170,16 @@ class CostModel:
             return compute + moe
         comm = self.comm_bytes_per_token * length * self.seq_comm_fraction(degree) / _MIB / self.bandwidth(degree)
         return compute + comm + moe
+
+    def seq_times_ms(self, lengths: np.ndarray, degree: int) -> np.ndarray:
+        """:meth:`seq_time_ms` of every length in ``lengths`` at once (float64 array, ms)."""
+        s = np.asarray(lengths, dtype=np.float64)
+        per_token = self.lin_ms / degree
+        if self.moe_bytes_per_token:
+            per_token += self.moe_bytes_per_token / degree / _MIB / self.ep_bandwidth_gbps
+        if degree > 1 and self.comm_bytes_per_token:
+            per_token += self.comm_bytes_per_token * self.seq_comm_fraction(degree) / _MIB / self.bandwidth(degree)
+        return (self.quad_ms / degree) * s * s + per_token * s
 
     def group_overhead_ms(self, degree: int) -> float:
         """beta_ms + c(d): what a non-empty group pays whatever it runs, ms."""
@@ -180,8 +203,8 @@ class CostModel:
 
     def token_capacity(self, degree: int) -> int:
         """Largest Σ s a degree-``degree`` group can hold (0 above max_degree)."""
-        if not is_power_of_two(degree):
-            raise ValueError(f"degree: got {degree!r}; SP degrees are powers of two")
+        if not is_power_of_two(degree) and not (self.group_sizes == "any" and _is_positive_int(degree)):
+            raise ValueError(f"degree: got {degree!r}; SP degrees are powers of two (group_sizes='pow2')")
         if self.max_degree is not None and degree > self.max_degree:
             return 0
         free_mb = 1024 * (self.memory_budget_gb - self.model_state_gb)
@@ -194,20 +217,30 @@ class CostModel:
         return sum(lengths) <= self.token_capacity(degree)
 
     def degrees(self, num_ranks: int) -> list[int]:
-        """Allowed SP degrees on ``num_ranks`` ranks: powers of two up to min(num_ranks, max_degree)."""
+        """Allowed SP degrees on ``num_ranks`` ranks, ascending, up to min(num_ranks, max_degree):
+        powers of two, or (group_sizes='any') every size, divisors of max_degree for all-to-all."""
+        return list(self._degrees_up_to(num_ranks))
+
+    def _degrees_up_to(self, num_ranks: int):
         limit = num_ranks if self.max_degree is None else min(num_ranks, self.max_degree)
-        return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+        if self.group_sizes == "any":
+            heads = self.max_degree if self.seq_comm == "alltoall" else None
+            return (d for d in range(1, limit + 1) if heads is None or heads % d == 0)
+        return (1 << i for i in range(limit.bit_length()) if 1 << i <= limit)
 
     def min_degree(self, length: int, num_ranks: int | None = None) -> int:
-        """Smallest power-of-two degree whose group holds one sequence of ``length`` tokens.
+        """Smallest allowed degree whose group holds one sequence of ``length`` tokens.
 
         Raises ValueError when no degree up to min(num_ranks, max_degree) holds it.
         """
         limit = num_ranks if num_ranks is not None else (self.max_degree or 2**40)
-        for degree in self.degrees(limit):
+        largest = 1
+        for degree in self._degrees_up_to(limit):
             if self.token_capacity(degree) >= length:
                 return degree
-        largest = self.degrees(limit)[-1]
+            largest = degree
+            if degree > 2**20:
+                break
         raise ValueError(
             f"a sequence of {length} tokens does not fit in any SP group: the largest allowed degree "
             f"{largest} holds {self.token_capacity(largest)} tokens "
@@ -276,6 +309,10 @@ class CostModel:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown cost-model preset {name!r}; {hint}known: {', '.join(sorted(presets.PRESETS))}")
         return presets.PRESETS[name](world_size)
+
+
+def _is_positive_int(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
 
 def _check_number(name: str, value: Any, *, positive: bool) -> None:

@@ -46,8 +46,11 @@ __all__ = ["DEFAULT_MIP_GAP", "MilpResult", "MilpSolveError", "available_solvers
 DEFAULT_MIP_GAP = 1e-2
 # Rank-time tie-break weight: moves C by at most ~1e-4 relative (W/N ≈ C).
 _EPSILON = 1e-4
-# One thread and a fixed seed, so that a solve that finishes within its time limit is reproducible.
-_HIGHS_OPTIONS = {"random_seed": 0}
+# Work limits, not the clock, bound a solve: one thread, a fixed seed and a branch-and-bound node
+# limit make the result a function of the input alone. The planner gives the MILP only small
+# slices (planner.solver), which close in well under this many nodes.
+MAX_NODES = 20_000
+_HIGHS_OPTIONS = {"random_seed": 0, "mip_max_nodes": MAX_NODES}
 
 
 class MilpSolveError(RuntimeError):
@@ -71,6 +74,8 @@ class MilpResult:
     """The solver's proven lower bound on C (equals C when optimal)."""
     optimal: bool
     solver: str
+    stopped_by_clock: bool = False
+    """The safety time limit, not the node limit or the gap, ended the solve (timing-dependent)."""
 
 
 def available_solvers() -> list[str]:
@@ -105,7 +110,20 @@ def solve_milp(
         kind = "infeasible" if prob.sol_status == pulp.LpSolutionInfeasible else "no_solution"
         raise MilpSolveError(f"{solver}: no solution ({status}) after {elapsed:.3f} s", kind)
     optimal = prob.sol_status == pulp.LpSolutionOptimal
-    return _extract(prob, var, num_ranks=num_ranks, solver=solver, optimal=optimal)
+    result = _extract(prob, var, num_ranks=num_ranks, solver=solver, optimal=optimal)
+    result.stopped_by_clock = not optimal and _hit_time_limit(prob, elapsed, time_limit_s)
+    return result
+
+
+def _hit_time_limit(prob, elapsed: float, time_limit_s: float) -> bool:
+    """HiGHS says why it stopped; for CBC, an unproven incumbent at the limit's wall time."""
+    model = getattr(prob, "solverModel", None)
+    try:
+        import highspy
+
+        return model.getModelStatus() == highspy.HighsModelStatus.kTimeLimit
+    except (AttributeError, ImportError):
+        return elapsed >= 0.9 * time_limit_s
 
 
 class _BucketStats:
@@ -155,7 +173,8 @@ def _make_solver(solver: str, time_limit_s: float, mip_gap: float) -> pulp.LpSol
         # is still the CBC that every PuLP install has, which is what a fallback needs.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, threads=1, gapRel=mip_gap, options=["randomSeed 1"])
+            options = ["randomSeed 1", f"maxNodes {MAX_NODES}"]
+            return pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, threads=1, gapRel=mip_gap, options=options)
     raise ValueError(f"solver: got {solver!r}; allowed: 'highs', 'cbc'")
 
 

@@ -10,15 +10,39 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from planner.cost import CostModel
 
-__all__ = ["Packing", "greedy_pack", "homogeneous_packing", "lpt_pack", "place_groups", "refine_tiling"]
+__all__ = ["Packing", "TimeTable", "greedy_pack", "homogeneous_packing", "lpt_pack", "place_groups", "refine_tiling"]
 
 # Relative improvement below which the local search stops (float noise, not progress).
 _TOL = 1e-9
 # Swaps tried per round: this many of the slowest group's longest sequences, lightest groups,
 # and their shortest sequences.
 _SWAP_WIDTH = 8
+# Local-search work budget: rounds x groups. A round scans every group, and with thousands of
+# groups many sit near the maximum, so a round there buys little; the budget keeps the work
+# (and the result) a function of the input alone.
+_ROUND_BUDGET = 25_000
+
+
+class TimeTable:
+    """t(s, d) of every sequence of a micro-batch, computed once per degree (vectorised)."""
+
+    def __init__(self, lengths: dict[int, int], cost: CostModel):
+        self.lengths, self.cost = lengths, cost
+        self._seqs = list(lengths)
+        self._s = np.asarray([lengths[i] for i in self._seqs], dtype=np.float64)
+        self._by_degree: dict[int, dict[int, float]] = {}
+
+    def of(self, degree: int) -> dict[int, float]:
+        """Sequence index -> t(s, degree) in ms."""
+        table = self._by_degree.get(degree)
+        if table is None:
+            table = dict(zip(self._seqs, self.cost.seq_times_ms(self._s, degree).tolist()))
+            self._by_degree[degree] = table
+        return table
 
 
 @dataclass
@@ -33,18 +57,16 @@ class _Bin:
 class Packing:
     """Groups (degree + sequence indices) of one micro-batch, with incremental times."""
 
-    def __init__(self, degrees: list[int], lengths: dict[int, int], cost: CostModel):
+    def __init__(self, degrees: list[int], lengths: dict[int, int], cost: CostModel, table: TimeTable | None = None):
         self.cost = cost
         self.lengths = lengths
-        self.bins = [_Bin(d, cost.token_capacity(d)) for d in degrees]
-        self._times: dict[tuple[int, int], float] = {}
+        self.table = table if table is not None and table.lengths is lengths else TimeTable(lengths, cost)
+        capacity = {d: cost.token_capacity(d) for d in set(degrees)}
+        self.bins = [_Bin(d, capacity[d]) for d in degrees]
         self._overhead = {d: cost.group_overhead_ms(d) for d in set(degrees)}
 
     def seq_time(self, seq: int, degree: int) -> float:
-        key = (self.lengths[seq], degree)
-        if key not in self._times:
-            self._times[key] = self.cost.seq_time_ms(*key)
-        return self._times[key]
+        return self.table.of(degree)[seq]
 
     def load(self, b: _Bin) -> float:
         return self._overhead[b.degree] + b.work_ms if b.members else 0.0
@@ -91,17 +113,22 @@ class Packing:
         if not bins:
             return list(seqs)
         degree = bins[0].degree
+        times, lengths = self.table.of(degree), self.lengths
         heap = [(b.work_ms, j) for j, b in enumerate(bins)]
         heapq.heapify(heap)
         left = []
-        for seq in sorted(seqs, key=lambda s: (-self.seq_time(s, degree), s)):
+        for seq in sorted(seqs, key=lambda s: (-times[s], s)):
             skipped = []
-            while heap and not self.fits(seq, bins[heap[0][1]]):
+            size = lengths[seq]
+            while heap and bins[heap[0][1]].tokens + size > bins[heap[0][1]].capacity:
                 skipped.append(heapq.heappop(heap))
             if heap:
-                _, j = heapq.heappop(heap)
-                self.add(seq, bins[j])
-                heapq.heappush(heap, (bins[j].work_ms, j))
+                j = heap[0][1]
+                b = bins[j]
+                b.members.append(seq)
+                b.tokens += size
+                b.work_ms += times[seq]
+                heapq.heapreplace(heap, (b.work_ms, j))
             else:
                 left.append(seq)
             for item in skipped:
@@ -119,8 +146,9 @@ class Packing:
 
     def improve(self, max_rounds: int = 200) -> None:
         """Local search on the slowest group: the best single move out of it, else the best swap
-        with another group, while that strictly lowers max(slowest, partner)."""
-        for _ in range(max_rounds):
+        with another group, while that strictly lowers max(slowest, partner). At most
+        ``max_rounds`` rounds, and at most _ROUND_BUDGET / groups (a work limit, not a clock)."""
+        for _ in range(min(max_rounds, max(8, _ROUND_BUDGET // max(1, len(self.bins))))):
             worst = max(self.bins, key=self.load)
             peak = self.load(worst)
             step = self._best_move(worst, peak) or self._best_swap(worst, peak)
@@ -156,17 +184,26 @@ class Packing:
         best, best_value = None, peak * (1 - _TOL)
         # A useful swap sends one of the worst group's longest sequences away for one of a
         # lightly loaded group's shortest; checking only those keeps a round O(_SWAP_WIDTH³).
-        outs = sorted(worst.members, key=lambda s: (-self.lengths[s], s))[:_SWAP_WIDTH]
+        # The loads after the swap are load_after's, inlined (same float operations).
+        lengths = self.lengths
+        outs = sorted(worst.members, key=lambda s: (-lengths[s], s))[:_SWAP_WIDTH]
         partners = sorted((b for b in self.bins if b is not worst and b.members), key=self.load)[:_SWAP_WIDTH]
+        t_worst, o_worst = self.table.of(worst.degree), self._overhead[worst.degree]
+        room_worst = worst.capacity - worst.tokens
         for b in partners:
-            ins = sorted(b.members, key=lambda s: (self.lengths[s], s))[:_SWAP_WIDTH]
+            ins = sorted(b.members, key=lambda s: (lengths[s], s))[:_SWAP_WIDTH]
+            t_b, o_b, room_b = self.table.of(b.degree), self._overhead[b.degree], b.capacity - b.tokens
+            same = b.degree == worst.degree
             for seq in outs:
+                size = lengths[seq]
                 for other in ins:
-                    if self.lengths[other] >= self.lengths[seq] and b.degree == worst.degree:
+                    delta = size - lengths[other]
+                    if delta <= 0 and same:
                         break
-                    if not (self.tokens_ok(b, other, seq) and self.tokens_ok(worst, seq, other)):
+                    if delta > room_b or -delta > room_worst:
                         continue
-                    value = max(self.load_after(worst, seq, other), self.load_after(b, other, seq))
+                    after_worst = o_worst + (worst.work_ms - t_worst[seq] + t_worst[other])
+                    value = max(after_worst, o_b + (b.work_ms - t_b[other] + t_b[seq]))
                     if value < best_value:
                         best, best_value = (seq, b, other), value
         return best
@@ -179,11 +216,12 @@ def lpt_pack(
     cost: CostModel,
     *,
     improve: bool = True,
+    table: TimeTable | None = None,
 ) -> Packing | None:
     """Pack each degree's sequences into its ``counts[d]`` groups (LPT), then leftovers anywhere,
     then (``improve``) local search; None when some sequence fits nowhere."""
     degrees = [d for d in sorted(counts, reverse=True) for _ in range(counts[d])]
-    packing = Packing(degrees, lengths, cost)
+    packing = Packing(degrees, lengths, cost, table)
     left = []
     for d in sorted(counts, reverse=True):
         left += packing.place_lpt(by_degree.get(d, []), [b for b in packing.bins if b.degree == d])
@@ -231,8 +269,8 @@ def _neighbour_tilings(degrees: list[int], allowed: set[int]) -> list[list[int]]
     for d, count in counts.items():
         rest = list(degrees)
         rest.remove(d)
-        if d // 2 in allowed and d > 1:
-            result.append(rest + [d // 2, d // 2])
+        if d > 1 and d // 2 in allowed and d - d // 2 in allowed:
+            result.append(rest + [d // 2, d - d // 2])
         if count >= 2 and 2 * d in allowed:
             rest.remove(d)
             result.append(rest + [2 * d])
@@ -240,18 +278,26 @@ def _neighbour_tilings(degrees: list[int], allowed: set[int]) -> list[list[int]]
 
 
 def homogeneous_packing(
-    seqs: list[int], degree: int, num_ranks: int, lengths: dict[int, int], cost: CostModel, *, improve: bool = True
+    seqs: list[int],
+    degree: int,
+    num_ranks: int,
+    lengths: dict[int, int],
+    cost: CostModel,
+    *,
+    improve: bool = True,
+    table: TimeTable | None = None,
 ) -> Packing | None:
     """All ``seqs`` on num_ranks/degree groups of one degree; None if they do not fit."""
-    return lpt_pack({degree: num_ranks // degree}, {degree: seqs}, lengths, cost, improve=improve)
+    return lpt_pack({degree: num_ranks // degree}, {degree: seqs}, lengths, cost, improve=improve, table=table)
 
 
 def place_groups(degrees: list[int]) -> list[tuple[int, ...]]:
-    """Rank tuples for groups of these power-of-two degrees (summing to N), largest first.
+    """Rank tuples for groups of these degrees on consecutive ranks from 0, largest first.
 
-    Laying out degrees in decreasing order keeps each start a sum of larger powers of two, hence
-    a multiple of the group's own degree: every group is a buddy block (parallel.context), and
-    groups of ≤ 8 never straddle an 8-GPU node.
+    With power-of-two degrees summing to a power of two, decreasing order keeps each start a sum
+    of larger powers of two, hence a multiple of the group's own degree: every group is a buddy
+    block (parallel.context), and groups of ≤ 8 never straddle an 8-GPU node. Other sizes
+    (group_sizes='any') are contiguous blocks, which may straddle a node.
     """
     order = sorted(range(len(degrees)), key=lambda j: -degrees[j])
     ranks: list[tuple[int, ...]] = [()] * len(degrees)

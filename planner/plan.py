@@ -2,8 +2,10 @@
 
 A plan is a list of micro-batches run one after another. In each, the ranks are tiled by SP
 groups: power-of-two blocks of consecutive ranks whose start is a multiple of their size (the
-buddy groups of ``parallel.context.buddy_group_ranks``); group ``j`` of micro-batch ``i`` runs
-the sequences ``seq_indices`` of the global batch, packed, sharded over ``ranks``.
+buddy groups of ``parallel.context.buddy_group_ranks``), or, for a plan with
+``group_sizes='any'``, blocks of consecutive ranks of any size (``ParallelContext.ensure_groups``
+creates those); group ``j`` of micro-batch ``i`` runs the sequences ``seq_indices`` of the
+global batch, packed, sharded over ``ranks``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class StepPlan:
     """A time no plan of this batch can beat under the cost model (see planner.solver.lower_bound_s)."""
     dropped: list[int] = field(default_factory=list)
     """Indices of sequences left out because no group can hold them (max_len_policy='drop')."""
+    group_sizes: str = "pow2"
+    """'pow2': every group is a buddy block; 'any': contiguous blocks of any size."""
+
+    @property
+    def gap_to_lower_bound(self) -> float | None:
+        """predicted / lower bound − 1: how far the plan can be from the best possible (None without a bound)."""
+        if not self.lower_bound_s:
+            return None
+        return self.predicted_time_s / self.lower_bound_s - 1
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -78,6 +89,7 @@ class StepPlan:
             "solve_time_s": self.solve_time_s,
             "lower_bound_s": self.lower_bound_s,
             "dropped": list(self.dropped),
+            "group_sizes": self.group_sizes,
             "microbatches": [
                 {
                     "predicted_time_s": mb.predicted_time_s,
@@ -120,6 +132,7 @@ class StepPlan:
             solve_time_s=float(_get(data, "solve_time_s", (int, float), "plan")),
             lower_bound_s=_optional_number(data, "lower_bound_s", "plan"),
             dropped=_int_list(data, "dropped", "plan") if "dropped" in data else [],
+            group_sizes=_group_sizes(data),
         )
 
     def validate(self, lengths: list[int], cost: CostModel | None = None) -> None:
@@ -127,13 +140,16 @@ class StepPlan:
         micro-batch's groups tile all ranks with aligned power-of-two blocks, and (given a cost
         model) every group fits in memory."""
         n = self.num_ranks
-        if not is_power_of_two(n):
+        buddy = self.group_sizes == "pow2"
+        if buddy and not is_power_of_two(n):
             raise ValueError(f"plan: num_ranks={n!r}; the planner's buddy groups need a power-of-two number of ranks")
+        if not buddy and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"plan: num_ranks={n!r}; must be a positive integer")
         if not self.microbatches and len(self.dropped) < len(lengths):
             raise ValueError("plan: no micro-batches")
         seen = Counter(self.dropped)
         for i, mb in enumerate(self.microbatches):
-            _check_tiling(mb, n, f"micro-batch {i}")
+            _check_tiling(mb, n, f"micro-batch {i}", buddy)
             for j, group in enumerate(mb.groups):
                 for k in group.seq_indices:
                     if not 0 <= k < len(lengths):
@@ -165,7 +181,7 @@ class StepPlan:
 
     def summary(self) -> dict[str, Any]:
         """A small dict for logs and metrics.jsonl."""
-        gap = self.predicted_time_s / self.lower_bound_s - 1 if self.lower_bound_s else None
+        gap = self.gap_to_lower_bound
         return {
             "microbatches": len(self.microbatches),
             "shape": self.shapes(),
@@ -178,13 +194,16 @@ class StepPlan:
         }
 
 
-def _check_tiling(mb: MicroBatch, num_ranks: int, where: str) -> None:
+def _check_tiling(mb: MicroBatch, num_ranks: int, where: str, buddy: bool = True) -> None:
     covered = []
     for j, group in enumerate(mb.groups):
         d, start = group.degree, group.ranks[0] if group.ranks else -1
-        if not is_power_of_two(d):
+        if buddy and not is_power_of_two(d):
             raise ValueError(f"plan: {where} group {j} has {d} ranks; SP degrees are powers of two")
-        if group.ranks != tuple(range(start, start + d)) or start % d:
+        consecutive = d > 0 and group.ranks == tuple(range(start, start + d))
+        if not buddy and not consecutive:
+            raise ValueError(f"plan: {where} group {j} ranks {list(group.ranks)} are not consecutive ranks")
+        if buddy and (not consecutive or start % d):
             raise ValueError(
                 f"plan: {where} group {j} ranks {list(group.ranks)} are not a buddy block "
                 f"(consecutive ranks starting at a multiple of {d})"
@@ -210,6 +229,13 @@ def _check_memory(cost: CostModel, lengths: list[int], group: Group, where: str)
             f"plan: {where} ({group.degree} ranks) runs {sum(lengths)} tokens but holds at most {capacity} "
             f"under cost model {cost.name!r}"
         )
+
+
+def _group_sizes(data: dict) -> str:
+    value = data.get("group_sizes", "pow2")
+    if value not in ("pow2", "any"):
+        raise ValueError(f"plan JSON: plan.group_sizes: got {value!r}; allowed: 'pow2', 'any'")
+    return value
 
 
 def _get(data: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -6,14 +6,20 @@ model states over all ranks, so memory per rank depends on it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.cost import CostModel, zero_model_state_gb
 
-__all__ = ["PRESETS", "HybridShape", "flops_cost_model"]
+__all__ = ["PRESETS", "HybridShape", "cpu_cost_model", "flops_cost_model", "machine_memory_bytes"]
 
 _KIB = 1024
+# FlexSP artefact (train_dist.py): GPT-7B model states, 7 x 16 = 112 GB before ZeRO-3 sharding.
+ARTEFACT_MODEL_STATE_GB = 7 * 16.0
+# Share of this machine's physical memory that `auto` on CPU gives the ranks on it (the rest is
+# for the OS, the data, the Python processes themselves and gloo's buffers).
+CPU_MEMORY_SHARE = 0.5
 
 
 def flexsp_gpt7b_a100(world_size: int | None = None) -> CostModel:
@@ -28,7 +34,9 @@ def flexsp_gpt7b_a100(world_size: int | None = None) -> CostModel:
         beta_ms=629.3563,
         act_mb_per_token=4.480441895,
         memory_budget_gb=28.0,
-        model_state_gb=zero_model_state_gb(7e9, zero_stage=3, world_size=world_size),
+        # The artefact's own count: 7 (billion parameters) x 16 bytes = 112 "GB" of model states,
+        # sharded over all GPUs (ZeRO-3), against a budget in GB of 1024 MB.
+        model_state_gb=ARTEFACT_MODEL_STATE_GB / world_size,
         seq_comm="alltoall",
         # Ulysses: 4 tensors (q, k, v, o) x 2 (fwd + bwd) x L x h x 2 bytes per token, f(d) = 1/d.
         comm_bytes_per_token=4 * 2 * layers * hidden * 2,
@@ -37,9 +45,9 @@ def flexsp_gpt7b_a100(world_size: int | None = None) -> CostModel:
         max_degree=64,
         notes=(
             "FlexSP artefact GPT-7B / A100-40GB ('2 IB' bandwidth profile, 8 GPUs per node). "
-            f"ZeRO-3 over {world_size} GPUs, 16 bytes/param mixed-precision Adam for 7e9 params "
-            "(the artefact counts 7 x 16 GB = 112 GB with 1e9 bytes per GB, i.e. 1.75 GB at 64 GPUs and "
-            "5,999 tokens/GPU; true GiB give 1.63 GB and 6,027). Bandwidths in the artefact's units "
+            f"ZeRO-3 over {world_size} GPUs, model states counted as the artefact does: 7 x 16 GB = 112 GB "
+            "(16 bytes/param mixed-precision Adam, 1e9 params per 'GB'), i.e. 1.75 GB per GPU at 64 GPUs and "
+            "5,999 tokens/GPU from (28 - 1.75) x 1024 / 4.48. Bandwidths in the artefact's units "
             "(MiB / 'GB/s' = ms); degrees above 64 reuse the 64-GPU value."
         ),
     )
@@ -63,6 +71,24 @@ class HybridShape:
     linear_chunk: int = 64
     act_bytes: int = 2
     state_bytes: int = 4
+
+    @classmethod
+    def of_model(cls, model, moe, *, act_bytes: int = 2) -> HybridShape:
+        """From a model config and an MoE config (anything with runtime.config's field names)."""
+        experts = moe.num_experts if model.ffn == "moe" else 1
+        return cls(
+            num_layers=model.num_layers,
+            layer_pattern=model.layer_pattern,
+            d_model=model.d_model,
+            num_heads=model.num_heads,
+            num_kv_heads=model.num_kv_heads,
+            vocab_size=model.vocab_size,
+            ffn_hidden=model.ffn_hidden,
+            num_experts=experts,
+            top_k=moe.top_k if experts > 1 else 1,
+            ep_size=moe.ep_size if experts > 1 else 1,
+            act_bytes=act_bytes,
+        )
 
     @property
     def num_softmax(self) -> int:
@@ -227,6 +253,56 @@ def tiny_cpu(world_size: int | None = None) -> CostModel:
             "gloo CPU processes: FLOP-derived at 5 GFLOP/s, beta 50 ms, 1 GB/s, and a synthetic 0.05 GB memory "
             "cap (about 630 tokens per rank) so that the demo mixes SP degrees. To be replaced by "
             "`seqmoe profile` calibration."
+        ),
+    )
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (bytes), from os.sysconf; psutil where sysconf lacks it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+
+
+def cpu_cost_model(
+    shape: HybridShape,
+    *,
+    world_size: int,
+    ranks_per_machine: int,
+    zero_stage: int = 1,
+    memory_bytes: int | None = None,
+) -> CostModel:
+    """`auto` on CPU: the tiny-cpu timing coefficients for ``shape`` (fp32 activations), with a
+    memory budget per rank of CPU_MEMORY_SHARE of this machine's physical memory split over the
+    ``ranks_per_machine`` processes on it (``memory_bytes`` overrides the machine's)."""
+    if ranks_per_machine < 1:
+        raise ValueError(f"ranks_per_machine: got {ranks_per_machine}; must be >= 1")
+    total = machine_memory_bytes() if memory_bytes is None else memory_bytes
+    budget_gb = CPU_MEMORY_SHARE * total / ranks_per_machine / 2**30
+    states_gb = zero_model_state_gb(shape.params()[0], zero_stage=zero_stage, world_size=world_size)
+    if budget_gb <= states_gb:
+        raise ValueError(
+            f"cost model auto: {budget_gb:.2f} GB per rank ({CPU_MEMORY_SHARE:.0%} of {total / 2**30:.1f} GB over "
+            f"{ranks_per_machine} ranks) does not hold the model states ({states_gb:.2f} GB); "
+            "use fewer ranks per machine"
+        )
+    return flops_cost_model(
+        shape,
+        name="cpu-auto",
+        flops_per_s=5e9,
+        beta_ms=50.0,
+        memory_budget_gb=budget_gb,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        bandwidth_gbps={2: 1.0},
+        ep_bandwidth_gbps=1.0,
+        notes=(
+            f"auto on CPU: FLOP-derived at 5 GFLOP/s, beta 50 ms, 1 GB/s (as tiny-cpu); memory budget "
+            f"{budget_gb:.2f} GB per rank = {CPU_MEMORY_SHARE:.0%} of this machine's {total / 2**30:.1f} GB over "
+            f"{ranks_per_machine} ranks. Replace with `seqmoe profile` calibration for timings."
         ),
     )
 

@@ -5,44 +5,56 @@
    length-sorted batch into M consecutive token-balanced slices (planner.bucketing), solve each
    slice and keep the M with the least predicted time. An M whose lower bound M·β + work/N
    already exceeds the best total is skipped.
-2. Per micro-batch: bucket the lengths (optimal DP), solve the degree-count MILP
-   (planner.milp; HiGHS, CBC if HiGHS errors out), hand each bucket's longest sequences to the
-   largest degrees, pack each degree's groups (LPT under memory, then local search;
-   planner.packing) and evaluate the real makespan with the cost model. The best homogeneous
-   packing of the slice is a candidate too (and the fallback when the MILP has no solution:
-   solver 'greedy'); small slices also try the tilings next to the winner's.
+2. Per micro-batch, the best of these candidates under the cost model:
+   - the combinatorial plan (planner.moldable: bisection on the makespan over the pooled rank
+     demand, then LPT packing and local search; planner.packing);
+   - the best homogeneous packing of the slice;
+   - for slices of at most _MILP_MAX_SEQS sequences and at most _MILP_MAX_DEGREES allowed
+     degrees, the degree-count MILP (planner.milp; HiGHS, CBC if HiGHS errors out) with one
+     sequence per bucket, packed the same way.
+   Slices of at most _REFINE_MAX_SEQS sequences also try the tilings next to the winner's.
 3. The best single-degree plan of the whole batch (planner.baselines.batch_adaptive) is the
    last candidate: consecutive cuts can need more micro-batches than free packing when memory
    binds. If it wins, the plan says solver 'batch_adaptive'.
 4. Placement: groups largest first on consecutive ranks, so every group is a buddy block.
 
-Determinism: stable sorts with index tie-breaks, one solver thread, a fixed seed. A solve cut
-short by its wall-clock limit can differ between runs; such solves are logged.
+Determinism: every step is a fixed amount of work (bisection to a relative tolerance, bounded
+local-search rounds, MILPs bounded by a node limit) with stable sorts and index tie-breaks, so
+the plan of a batch never depends on the machine's load. ``time_limit_s`` is only a safety cap
+on each small MILP (they take milliseconds); a MILP stopped by it is logged, the only case in
+which a plan could depend on timing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.baselines import best_static_plan
 from planner.bucketing import cut_microbatches, optimal_buckets, sorted_order
 from planner.checks import lower_bound_s, step_bounds, validate_batch
 from planner.cost import CostModel
 from planner.milp import DEFAULT_MIP_GAP, MilpResult, MilpSolveError, available_solvers, solve_milp
-from planner.packing import Packing, homogeneous_packing, lpt_pack, place_groups, refine_tiling
+from planner.moldable import DemandModel, moldable_packing
+from planner.packing import Packing, TimeTable, homogeneous_packing, lpt_pack, place_groups, refine_tiling
 from planner.plan import Group, MicroBatch, StepPlan
 
 __all__ = ["lower_bound_s", "plan_step", "validate_batch"]
 
 log = logging.getLogger(__name__)
 
-# Each MILP's time limit is at least this (s), however many solves share the step's budget.
-_MIN_SOLVE_S = 0.05
-# Micro-batches with at most this many sequences also try the tilings next to the MILP's
+# Micro-batches with at most this many sequences also get the MILP, one sequence per bucket
+# (exact in its pooled model; milliseconds at this size), when there are at most
+# _MILP_MAX_DEGREES allowed degrees (groups of any size on many ranks make the MILP slow).
+_MILP_MAX_SEQS = 8
+_MILP_MAX_DEGREES = 8
+# Micro-batches with at most this many sequences also try the tilings next to the winner's
 # (planner.packing.refine_tiling); in larger ones per-degree pooling is accurate anyway.
-_REFINE_MAX_SEQS = 64
+_REFINE_MAX_SEQS = 16
 
 
 @dataclass
@@ -52,6 +64,7 @@ class _Slice:
     groups: list[tuple[int, list[int]]]
     makespan_ms: float
     milp_failed: bool
+    by_milp: bool = False
 
 
 def plan_step(
@@ -65,14 +78,23 @@ def plan_step(
     extra_microbatches: int = 3,
     max_len_policy: str = "error",
     mip_gap: float = DEFAULT_MIP_GAP,
+    group_sizes: str | None = None,
 ) -> StepPlan:
     """Plan one step: micro-batches of SP groups of mixed power-of-two degrees (module docstring).
 
-    ``time_limit_s`` is the wall-clock budget of the whole step, shared by its MILP solves.
-    ``max_len_policy``: 'error' raises on a sequence no group can hold; 'drop' leaves it out
-    and lists it in ``StepPlan.dropped``. ``mip_gap``: relative optimality gap of each MILP.
+    ``time_limit_s``: safety cap (s) on each small MILP; it never binds in practice, and the
+    combinatorial planner has no clock at all. ``solver``: the MILP backend for small slices,
+    'highs' or 'cbc'. ``max_len_policy``: 'error' raises on a sequence no group can hold;
+    'drop' leaves it out and lists it in ``StepPlan.dropped``. ``mip_gap``: relative
+    optimality gap of each MILP. ``group_sizes``: 'pow2' (buddy groups) or 'any' (contiguous
+    groups of any size, on any number of ranks); None keeps the cost model's (default 'pow2').
     """
     start = time.perf_counter()
+    if group_sizes is not None:
+        if group_sizes not in ("pow2", "any"):
+            raise ValueError(f"group_sizes: got {group_sizes!r}; allowed: 'pow2', 'any'")
+        if isinstance(cost, CostModel):
+            cost = dataclasses.replace(cost, group_sizes=group_sizes)
     dropped = validate_batch(lengths, num_ranks=num_ranks, cost=cost, max_len_policy=max_len_policy)
     lengths = [int(s) for s in lengths]
     if time_limit_s <= 0:
@@ -83,21 +105,24 @@ def plan_step(
         raise ValueError(f"mip_gap: got {mip_gap}; must be in [0, 1)")
     skip = set(dropped)
     kept = [i for i in sorted_order(lengths) if i not in skip]
-    search = _Search(lengths, num_ranks, cost, _pick_solver(solver), num_buckets, mip_gap, start + time_limit_s)
+    search = _Search(lengths, num_ranks, cost, _pick_solver(solver), num_buckets, mip_gap, time_limit_s)
     slices, total_ms = search.run(kept, extra_microbatches)
     plan = StepPlan(
-        microbatches=[_to_microbatch(s) for s in slices],
+        microbatches=[_to_microbatch(s, num_ranks) for s in slices],
         num_ranks=num_ranks,
         predicted_time_s=total_ms / 1e3,
-        solver="greedy" if any(s.milp_failed for s in slices) else search.backend,
+        solver=search.backend if any(s.by_milp for s in slices) else "combinatorial",
         solve_time_s=0.0,
         lower_bound_s=lower_bound_s([lengths[i] for i in kept], num_ranks=num_ranks, cost=cost),
         dropped=dropped,
+        group_sizes=cost.group_sizes,
     )
     # Step 3 of the module docstring.
-    fallback = best_static_plan(lengths, kept, num_ranks, cost)
-    if fallback.predicted_time_s < plan.predicted_time_s:
+    fallback = best_static_plan(lengths, kept, num_ranks, cost, beat_ms=plan.predicted_time_s * 1e3)
+    if fallback is not None and fallback.predicted_time_s < plan.predicted_time_s:
         fallback.dropped = dropped
+        fallback.lower_bound_s = plan.lower_bound_s
+        fallback.group_sizes = cost.group_sizes
         plan = fallback
     plan.solve_time_s = time.perf_counter() - start
     return plan
@@ -112,16 +137,17 @@ def _pick_solver(solver: str) -> str:
     if found:
         log.warning("MILP solver %r is not available; using %r", solver, found[0])
         return found[0]
-    log.warning("no MILP solver available (install highspy); planning greedily")
-    return "greedy"
+    log.info("no MILP solver available (install highspy); small micro-batches are planned combinatorially")
+    return "none"
 
 
 class _Search:
-    """The step's fixed inputs and its deadline, shared by every micro-batch solve."""
+    """The step's fixed inputs, shared by every micro-batch solve."""
 
-    def __init__(self, lengths, num_ranks, cost, backend, num_buckets, mip_gap, deadline):
+    def __init__(self, lengths, num_ranks, cost, backend, num_buckets, mip_gap, time_limit_s):
         self.lengths, self.num_ranks, self.cost = lengths, num_ranks, cost
-        self.backend, self.num_buckets, self.mip_gap, self.deadline = backend, num_buckets, mip_gap, deadline
+        self.backend, self.num_buckets, self.mip_gap = backend, num_buckets, mip_gap
+        self.time_limit_s = time_limit_s
         self.available = available_solvers()
 
     def run(self, kept: list[int], extra: int) -> tuple[list[_Slice], float]:
@@ -131,7 +157,7 @@ class _Search:
         for m in range(bound.m_min, len(kept) + 1):
             if best is not None and (m > bound.m_min + extra or bound.at(m) >= best[1]):
                 break
-            slices = self.solve_cut(kept, m)
+            slices = self.solve_cut(kept, m, None if best is None else best[1])
             if slices is not None:
                 total = sum(s.makespan_ms for s in slices)
                 if best is None or total < best[1]:
@@ -139,14 +165,21 @@ class _Search:
         assert best is not None, "one sequence per micro-batch always fits after validate_batch"
         return best
 
-    def solve_cut(self, kept: list[int], m: int) -> list[_Slice] | None:
-        """Solve every slice of the M-way token-balanced cut; None if one is infeasible."""
-        slices = []
-        for lo, hi in cut_microbatches([self.lengths[i] for i in kept], m):
-            planned = self.solve_slice(kept[lo:hi])
+    def solve_cut(self, kept: list[int], m: int, beat_ms: float | None) -> list[_Slice] | None:
+        """Solve every slice of the M-way token-balanced cut; None if one is infeasible, or once
+        the slices solved plus the lower bounds of the rest cannot beat ``beat_ms``."""
+        cut = cut_microbatches([self.lengths[i] for i in kept], m)
+        members = [kept[lo:hi] for lo, hi in cut]
+        bounds = [DemandModel(seqs, self.lengths, self.num_ranks, self.cost).lower_bound_ms() for seqs in members]
+        slices, done_ms = [], 0.0
+        for j, seqs in enumerate(members):
+            if beat_ms is not None and done_ms + sum(bounds[j:]) >= beat_ms:
+                return None
+            planned = self.solve_slice(seqs, bounds[j])
             if planned is None:
                 return None
             slices.append(planned)
+            done_ms += planned.makespan_ms
         return slices
 
     def _solve_milp(self, buckets: list[list[int]]) -> MilpResult:
@@ -160,38 +193,55 @@ class _Search:
             return self._solve_with("cbc", buckets)
 
     def _solve_with(self, solver: str, buckets: list[list[int]]) -> MilpResult:
-        # Each solve may use what is left of the step's budget; most finish far sooner.
-        budget = max(_MIN_SOLVE_S, self.deadline - time.perf_counter())
         result = solve_milp(
-            buckets, num_ranks=self.num_ranks, cost=self.cost, time_limit_s=budget, solver=solver, mip_gap=self.mip_gap
+            buckets,
+            num_ranks=self.num_ranks,
+            cost=self.cost,
+            time_limit_s=self.time_limit_s,
+            solver=solver,
+            mip_gap=self.mip_gap,
         )
-        if not result.optimal:
-            log.info("MILP stopped at its %.3f s time limit; the plan may differ between runs", budget)
+        if result.stopped_by_clock:
+            log.warning("MILP stopped at its %.3f s safety cap; this plan may differ between runs", self.time_limit_s)
         return result
 
-    def solve_slice(self, seqs: list[int]) -> _Slice | None:
-        """MILP + packing for one micro-batch, compared with the best homogeneous plan."""
-        local = {i: self.lengths[i] for i in seqs}
-        homogeneous = _best_homogeneous(seqs, local, self.num_ranks, self.cost)
-        if self.backend == "greedy":
-            return _as_slice(homogeneous, milp_failed=False)
+    def _milp_packing(self, seqs: list[int], local: dict[int, int], table: TimeTable) -> tuple[Packing | None, bool]:
+        """(packing of the MILP's counts, whether the MILP failed)."""
         buckets = optimal_buckets([local[i] for i in seqs], self.num_buckets)
         members = [[seqs[k] for k in indices] for _, indices in buckets]
         try:
             result = self._solve_milp([[local[i] for i in m] for m in members])
         except MilpSolveError as exc:
-            if exc.kind == "infeasible" and homogeneous is None:
-                return None
-            log.warning("MILP failed (%s); using the best homogeneous plan for this micro-batch", exc)
-            return _as_slice(homogeneous, milp_failed=True)
-        packing = lpt_pack(result.counts, _split_buckets(members, result.assignment, local), local, self.cost)
-        candidates = [p for p in (packing, homogeneous) if p is not None]
+            if exc.kind != "infeasible":
+                log.warning("MILP failed (%s); planning this micro-batch combinatorially", exc)
+            return None, exc.kind != "infeasible"
+        by_degree = _split_buckets(members, result.assignment, local)
+        return lpt_pack(result.counts, by_degree, local, self.cost, table=table), False
+
+    def solve_slice(self, seqs: list[int], bound_ms: float) -> _Slice | None:
+        """The best of the combinatorial, homogeneous and (small slices) MILP packings."""
+        local = {i: self.lengths[i] for i in seqs}
+        table = TimeTable(local, self.cost)
+        moldable = moldable_packing(seqs, local, self.num_ranks, self.cost, table=table)
+        # A combinatorial plan at the slice's lower bound is optimal: nothing else can beat it.
+        if moldable is not None and moldable.makespan_ms() <= bound_ms * (1 + 1e-12):
+            return _Slice(moldable.groups(), moldable.makespan_ms(), False, False)
+        beat = None if moldable is None else moldable.makespan_ms()
+        found = (moldable, _best_homogeneous(seqs, local, self.num_ranks, self.cost, table, beat_ms=beat))
+        candidates = [(p, False) for p in found if p is not None]
+        failed = False
+        small = len(seqs) <= _MILP_MAX_SEQS and len(self.cost.degrees(self.num_ranks)) <= _MILP_MAX_DEGREES
+        if small and self.backend != "none":
+            packing, failed = self._milp_packing(seqs, local, table)
+            if packing is not None:
+                candidates.append((packing, True))
         if not candidates:
             return None
-        best = min(candidates, key=Packing.makespan_ms)
+        # min keeps the first of equal makespans: the MILP wins only when strictly better.
+        best, by_milp = min(candidates, key=lambda c: c[0].makespan_ms())
         if len(seqs) <= _REFINE_MAX_SEQS:
             best = refine_tiling(best, self.num_ranks)
-        return _as_slice(best, milp_failed=False)
+        return _Slice(best.groups(), best.makespan_ms(), failed, by_milp)
 
 
 def _split_buckets(members, assignment, local) -> dict[int, list[int]]:
@@ -206,23 +256,29 @@ def _split_buckets(members, assignment, local) -> dict[int, list[int]]:
     return by_degree
 
 
-def _best_homogeneous(seqs, local, num_ranks, cost) -> Packing | None:
-    """The fastest single-degree packing of a micro-batch (None if no degree holds it).
+def _best_homogeneous(
+    seqs, local, num_ranks, cost, table: TimeTable | None = None, *, beat_ms: float | None = None
+) -> Packing | None:
+    """The fastest single-degree packing of a micro-batch (None if no degree holds it, or if
+    none can beat ``beat_ms``).
 
     Degrees are tried in order of their bound o_d + max(max t, Σ t / (N/d)) and the search
-    stops once that bound cannot beat the best LPT packing; only the winner gets the local search.
+    stops once that bound cannot beat the best LPT packing (or ``beat_ms``); only the winner
+    gets the local search.
     """
+    table = table if table is not None else TimeTable(local, cost)
     lowest = cost.min_degree(max(local[i] for i in seqs), num_ranks)
+    s_K = np.asarray([local[i] for i in seqs], dtype=np.float64)
     bounds = []
     for d in cost.degrees(num_ranks):
         if d >= lowest:
-            times = [cost.seq_time_ms(local[i], d) for i in seqs]
-            bounds.append((cost.group_overhead_ms(d) + max(max(times), sum(times) / (num_ranks // d)), d))
+            t_K = cost.seq_times_ms(s_K, d)
+            bounds.append((cost.group_overhead_ms(d) + max(float(t_K.max()), float(t_K.sum()) / (num_ranks // d)), d))
     best = None
     for bound, d in sorted(bounds):
-        if best is not None and bound >= best.makespan_ms():
+        if best is not None and bound >= best.makespan_ms() or beat_ms is not None and bound >= beat_ms:
             break
-        packing = homogeneous_packing(seqs, d, num_ranks, local, cost, improve=False)
+        packing = homogeneous_packing(seqs, d, num_ranks, local, cost, improve=False, table=table)
         if packing is not None and (best is None or packing.makespan_ms() < best.makespan_ms()):
             best = packing
     if best is not None:
@@ -230,14 +286,11 @@ def _best_homogeneous(seqs, local, num_ranks, cost) -> Packing | None:
     return best
 
 
-def _as_slice(packing: Packing | None, *, milp_failed: bool) -> _Slice | None:
-    if packing is None:
-        return None
-    return _Slice(packing.groups(), packing.makespan_ms(), milp_failed)
-
-
-def _to_microbatch(planned: _Slice) -> MicroBatch:
-    ranks = place_groups([d for d, _ in planned.groups])
-    groups = [Group(r, seqs) for r, (_, seqs) in zip(ranks, planned.groups)]
+def _to_microbatch(planned: _Slice, num_ranks: int) -> MicroBatch:
+    # Ranks no group covers (degrees that do not divide N) idle in one-rank groups.
+    spare = num_ranks - sum(d for d, _ in planned.groups)
+    layout = planned.groups + [(1, [])] * spare
+    ranks = place_groups([d for d, _ in layout])
+    groups = [Group(r, seqs) for r, (_, seqs) in zip(ranks, layout)]
     groups.sort(key=lambda g: g.ranks[0])
     return MicroBatch(groups, planned.makespan_ms / 1e3)

@@ -131,6 +131,8 @@ def run_plan(
     """Forward and backward of every micro-batch of ``plan``; ``backward(loss, is_last)`` is the
     engine's backward (it gets the per-rank loss share; the caller scales for its reduction)."""
     forward = forward or model
+    if plan.group_sizes == "any":  # groups that are not buddy blocks: made collectively, once
+        ctx.ensure_groups(g.ranks for micro in plan.microbatches for g in micro.groups)
     num_tokens = sum(len(s) for s in sequences)
     num_targets = sum(len(s) - 1 for s in sequences)
     loss_sum = aux_sum = 0.0

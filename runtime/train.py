@@ -52,8 +52,9 @@ class TrainingError(RuntimeError):
 
 
 def resolve_cost_model(config: Config, world_size: int) -> CostModel:
-    """``planner.cost_model``: a preset name, a JSON path, or auto (tiny-cpu on CPU; on a GPU the
-    hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
+    """``planner.cost_model``: a preset name, a JSON path, or auto (on CPU the model's FLOP-derived
+    coefficients with a budget from this machine's memory, planner.presets.cpu_cost_model; on a
+    GPU the hybrid-1b-h100 preset with its memory budget taken from the real device memory)."""
     spec = config.planner.cost_model
     if spec != "auto":
         try:
@@ -61,7 +62,12 @@ def resolve_cost_model(config: Config, world_size: int) -> CostModel:
         except CostSpecError as exc:
             raise ConfigError(f"config field `planner.cost_model`: {exc}") from None
     if not torch.cuda.is_available():
-        return CostModel.preset("tiny-cpu", world_size=world_size)
+        from planner.presets import HybridShape, cpu_cost_model
+
+        shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, config.launch.nproc_per_node)))
+        stage = config.train.zero_stage
+        return cpu_cost_model(shape, world_size=world_size, ranks_per_machine=per_machine, zero_stage=stage)
     import dataclasses
 
     cost = CostModel.preset("hybrid-1b-h100", world_size=world_size)
@@ -116,6 +122,7 @@ class StepPlanner:
         self.mode, self.ctx, self.cost, self.lengths_of = config.planner.mode, ctx, cost, lengths_of
         self.static_degree = config.planner.static_degree
         self.kwargs = {"time_limit_s": config.planner.time_limit_s, "solver": config.planner.solver}
+        self.kwargs["group_sizes"] = config.planner.group_sizes
         self.async_planner = None
         if ctx.rank == 0 and self.mode == "flexsp" and config.planner.async_plan:
             from planner.async_plan import AsyncPlanner

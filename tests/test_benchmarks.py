@@ -92,14 +92,20 @@ def test_planner_benchmark_writes_its_results(tmp_path):
     assert (tmp_path / "planner.png").stat().st_size > 0
     assert {"machine", "config", "summary", "rows"} <= set(result)
     assert result["config"]["num_ranks"] == 64 and result["config"]["batch_size"] == 128
-    # every cost model x distribution, one batch each
+    # every cost-model preset x distribution, one batch each (the presets include tiny-cpu now)
+    from planner.cost import CostModel
+
     cases = {(r["cost_model"], r["distribution"]) for r in result["rows"]}
-    assert cases == {
-        (c, d) for c in ("flexsp-gpt7b-a100", "hybrid-1b-h100") for d in ("wikipedia", "github", "commoncrawl")
-    }
+    assert cases == {(c, d) for c in CostModel.presets() for d in ("wikipedia", "github", "commoncrawl")}
     for row in result["rows"]:
         assert row["speedup_vs_static"] == pytest.approx(row["static_time_s"] / row["predicted_time_s"])
+        assert row["speedup_vs_megatron"] == pytest.approx(row["megatron_time_s"] / row["predicted_time_s"])
         assert row["speedup_vs_batch_adaptive"] > 0 and row["plan_wall_s"] > 0 and row["gap_to_lower_bound"] >= -1e-9
+        assert row["same_plan_twice"] and row["any_gain"] > 0
+    # the whole-cluster scale run (quick: 1024 ranks only) and the hybrid context sweep
+    assert {r["num_ranks"] for r in result["scale"]} == {1024}
+    assert [r["cap"] for r in result["context_sweep"]] == [2**15, 2**16, 2**17, 2**18, 2**19, 2**20]
+    assert all(0 < r["softmax_share"] < 1 and r["vs_megatron"] > 0 for r in result["context_sweep"])
     summary = result["summary"]["flexsp-gpt7b-a100"]
     assert {"all", "wikipedia", "github", "commoncrawl"} <= set(summary)
     assert {"plan_wall_s", "speedup_vs_static", "speedup_vs_batch_adaptive", "gap_to_lower_bound"} <= set(

@@ -104,3 +104,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"num_microbatches: got 3; must be in \[1, 2\]"):
         cut_microbatches([1, 2], 3)
     assert optimal_buckets([], 4) == []
+
+
+def test_cut_of_a_large_batch_is_the_least_bottleneck():
+    # 200,000 sequences: the cut's largest slice is the least any M-way cut can have, checked by
+    # a plain greedy cover (B* fits in M runs, B* - 1 does not). No (K+1)² arrays are built.
+    rng = random.Random(3)
+    lengths = sorted(rng.randint(1, 50_000) for _ in range(200_000))
+
+    def runs(bound):
+        count, total = 1, 0
+        for s in lengths:
+            if total + s > bound:
+                count, total = count + 1, 0
+            total += s
+        return count
+
+    for m in (2, 7, 64):
+        slices = cut_microbatches(lengths, m)
+        sums = [sum(lengths[lo:hi]) for lo, hi in slices]
+        assert len(slices) == m and slices[-1][1] == len(lengths)
+        assert runs(max(sums)) <= m < runs(max(sums) - 1)

@@ -32,16 +32,31 @@ def small_model(**overrides) -> CostModel:
 
 
 def test_flexsp_token_capacity_matches_the_artefact(flexsp):
-    # The FlexSP brief quotes ≈5.9K tokens/GPU (≈381K per micro-batch) for GPT-7B on 64 GPUs;
-    # the artefact's formula gives 5,999 (it counts 1e9 bytes per GB for model states), ours
-    # 6,026 with GiB. Tolerances: 3% of 5.9K, 0.5% of the artefact's own formula.
-    per_gpu = flexsp.token_capacity(1)
-    assert abs(per_gpu - 5900) <= 0.03 * 5900
-    artefact = (28 * 1024 - 7 * 16 / 64 * 1024) / 4.480441895
-    assert abs(per_gpu - artefact) <= 0.005 * artefact
+    # The artefact's formula, (28 GB − 7 × 16 GB / N) × 1024 / 4.480441895 MB per token, gives
+    # exactly 5,999 tokens/GPU at 64 GPUs (the FlexSP brief quotes ≈5.9K, ≈381K per micro-batch).
+    assert flexsp.token_capacity(1) == 5999
+    for world in (8, 16, 32, 64, 128, 1024):
+        cost = CostModel.preset("flexsp-gpt7b-a100", world_size=world)
+        assert cost.token_capacity(1) == math.floor((28 - 7 * 16 / world) * 1024 / 4.480441895)
     # Ulysses' capacity is linear in the degree (no gathered K/V); cluster-wide at 64 GPUs:
-    assert flexsp.token_capacity(64) == pytest.approx(64 * per_gpu, abs=64)
+    assert flexsp.token_capacity(64) == pytest.approx(64 * 5999, abs=64)
     assert abs(flexsp.token_capacity(64) - 381_000) <= 0.03 * 381_000
+
+
+def test_cpu_auto_budget_comes_from_the_machine_and_fits_the_default_configuration():
+    from planner.presets import CPU_MEMORY_SHARE, HybridShape, cpu_cost_model, machine_memory_bytes
+    from runtime.config import Config
+
+    config = Config()
+    shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
+    # A pinned 8 GiB machine with 4 ranks: CPU_MEMORY_SHARE of it, split four ways.
+    pinned = cpu_cost_model(shape, world_size=4, ranks_per_machine=4, memory_bytes=8 * 2**30)
+    assert pinned.memory_budget_gb == pytest.approx(CPU_MEMORY_SHARE * 8 / 4)
+    assert pinned.max_sequence_length(4) >= config.data.max_seq_len
+    here = cpu_cost_model(shape, world_size=2, ranks_per_machine=2)
+    assert here.memory_budget_gb == pytest.approx(CPU_MEMORY_SHARE * machine_memory_bytes() / 2 / 2**30)
+    with pytest.raises(ValueError, match="does not hold the model states"):
+        cpu_cost_model(shape, world_size=1, ranks_per_machine=1, memory_bytes=2**20)
 
 
 def test_flexsp_alltoall_share_reproduces_the_paper_ratios(flexsp):
@@ -182,3 +197,20 @@ def test_bandwidth_table_without_the_degree():
     cost = small_model(bandwidth_gbps={4: 5.0})
     with pytest.raises(ValueError, match="no entry for degree 2"):
         cost.seq_time_ms(100, 2)
+
+
+def test_auto_on_cpu_holds_the_default_max_seq_len():
+    # `planner.cost_model = "auto"` without a GPU: the default configuration's 2048-token
+    # sequences fit (the tiny-cpu preset's synthetic cap of ~630 tokens per rank rejected them).
+    pytest.importorskip("deepspeed")
+    import torch
+
+    from runtime.config import Config
+    from runtime.train import resolve_cost_model
+
+    if torch.cuda.is_available():
+        pytest.skip("auto picks the GPU preset here")
+    config = Config()
+    cost = resolve_cost_model(config, 2)
+    assert cost.name == "cpu-auto"
+    assert cost.max_sequence_length(2) >= config.data.max_seq_len

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -154,7 +155,7 @@ def test_plans_are_valid_and_no_worse_than_batch_adaptive(preset, num_ranks):
     lengths = [min(s, cap) for s in long_tailed(1, n=256 if num_ranks > 4 else 16, cap=cap)]
     plan = plan_step(lengths, num_ranks=num_ranks, cost=cost)
     plan.validate(lengths, cost)
-    assert plan.solver in ("highs", "batch_adaptive")
+    assert plan.solver in ("combinatorial", "highs", "batch_adaptive")
     assert plan.lower_bound_s <= plan.predicted_time_s
     assert plan.predicted_time_s <= batch_adaptive(lengths, num_ranks=num_ranks, cost=cost).predicted_time_s
     assert sum(mb.predicted_time_s for mb in plan.microbatches) == pytest.approx(plan.predicted_time_s, rel=1e-12)
@@ -194,7 +195,7 @@ def test_cbc_backend():
     lengths = [300, 1500, 700, 2500, 90, 1200]
     plan = plan_step(lengths, num_ranks=8, cost=cost, solver="cbc")
     plan.validate(lengths, cost)
-    assert plan.solver in ("cbc", "batch_adaptive")
+    assert plan.solver in ("cbc", "combinatorial", "batch_adaptive")
     highs = plan_step(lengths, num_ranks=8, cost=cost)
     assert plan.predicted_time_s == pytest.approx(highs.predicted_time_s, rel=2e-2)
 
@@ -208,7 +209,7 @@ def test_greedy_fallback_when_the_milp_fails(monkeypatch):
     lengths = [300, 1500, 700, 2500, 90, 1200, 40, 800]
     plan = plan_step(lengths, num_ranks=8, cost=cost)
     plan.validate(lengths, cost)
-    assert plan.solver in ("greedy", "batch_adaptive")
+    assert plan.solver in ("combinatorial", "batch_adaptive")
 
 
 def test_greedy_when_no_solver_is_installed(monkeypatch):
@@ -217,7 +218,7 @@ def test_greedy_when_no_solver_is_installed(monkeypatch):
     lengths = [300, 1500, 700, 90]
     plan = plan_step(lengths, num_ranks=8, cost=cost)
     plan.validate(lengths, cost)
-    assert plan.solver in ("greedy", "batch_adaptive")
+    assert plan.solver in ("combinatorial", "batch_adaptive")
 
 
 def test_tiny_time_limit_still_gives_a_valid_plan():
@@ -280,3 +281,76 @@ def test_lower_bound_is_below_every_baseline():
     lengths = long_tailed(2, n=200)
     bound = lower_bound_s(lengths, num_ranks=64, cost=cost)
     assert 0 < bound <= batch_adaptive(lengths, num_ranks=64, cost=cost).predicted_time_s
+
+
+def test_plan_does_not_depend_on_the_clock(monkeypatch):
+    # Whatever the machine load, the plan is the same: a clock that jumps 10 s at every reading
+    # (as if every step were starved) and a tiny safety cap give the plan of an idle machine.
+    cost = CostModel.preset("flexsp-gpt7b-a100")
+    lengths = long_tailed(4)
+    idle = plan_step(lengths, num_ranks=64, cost=cost, time_limit_s=100.0)
+    ticks = iter(range(0, 10**9, 10))
+    monkeypatch.setattr(solver_module.time, "perf_counter", lambda: float(next(ticks)))
+    starved = plan_step(list(lengths), num_ranks=64, cost=cost, time_limit_s=1e-3)
+    assert starved.microbatches == idle.microbatches
+    assert (starved.predicted_time_s, starved.solver, starved.lower_bound_s) == (
+        idle.predicted_time_s,
+        idle.solver,
+        idle.lower_bound_s,
+    )
+
+
+def test_thousands_of_ranks_are_planned_whole():
+    # 1,024 ranks x 8 sequences per rank in one plan (no pods): valid, memory-feasible, and the
+    # lower bound holds. Not a timing assertion; `seqmoe bench planner --scale` measures time.
+    cost = CostModel.preset("flexsp-gpt7b-a100", world_size=1024)
+    lengths = long_tailed(6, n=8 * 1024)
+    plan = plan_step(lengths, num_ranks=1024, cost=cost)
+    plan.validate(lengths, cost)
+    assert plan.lower_bound_s <= plan.predicted_time_s
+    assert plan.gap_to_lower_bound == pytest.approx(plan.predicted_time_s / plan.lower_bound_s - 1)
+
+
+def any_size_instances(count: int):
+    """Tiny single-micro-batch instances on 3 or 6 ranks with groups of any size."""
+    rng = random.Random(11)
+    found = []
+    while len(found) < count:
+        cost = dataclasses.replace(TINY_COSTS[0], group_sizes="any")
+        num_ranks = rng.choice([3, 6])
+        per_rank = cost.token_capacity(1)
+        k = rng.randint(3, 5)
+        lengths = [rng.choice([rng.randint(20, per_rank), rng.randint(per_rank, 3 * per_rank)]) for _ in range(k)]
+        cluster = max(num_ranks // d * cost.token_capacity(d) for d in cost.degrees(num_ranks))
+        if sum(lengths) <= cluster and max(lengths) <= cost.max_sequence_length(num_ranks):
+            optimum = true_optimum_ms(lengths, num_ranks, cost)
+            if math.isfinite(optimum):
+                found.append((lengths, num_ranks, cost, optimum))
+    return found
+
+
+@pytest.mark.parametrize("lengths,num_ranks,cost,optimum", any_size_instances(12))
+def test_any_group_size_plan_equals_brute_force_optimum(lengths, num_ranks, cost, optimum):
+    # group_sizes='any' on 3 or 6 ranks: the plan's makespan is the best over every tiling by
+    # blocks of any size and every assignment. Tolerance: float rounding only (1e-9 relative).
+    plan = plan_step(lengths, num_ranks=num_ranks, cost=cost, extra_microbatches=0, mip_gap=1e-9)
+    plan.validate(lengths, cost)
+    assert plan.group_sizes == "any" and len(plan.microbatches) == 1
+    assert plan.predicted_time_s * 1e3 == pytest.approx(optimum, rel=1e-9)
+    assert StepPlan.from_json(plan.to_json()) == plan
+
+
+def test_groups_of_three_beat_powers_of_two_on_five_long_sequences():
+    # FCP's case: 5 equal sequences that each need 2 ranks, on 16 ranks. Powers of two leave
+    # some on groups of 2 (e.g. 4+4+4+2+2); any size gives each at least 3 (3+3+3+3+4).
+    cost = dataclasses.replace(TINY_COSTS[0], group_sizes="any")
+    lengths = [cost.token_capacity(2)] * 5
+    pow2 = plan_step(lengths, num_ranks=16, cost=TINY_COSTS[0])
+    anysize = plan_step(lengths, num_ranks=16, cost=cost)
+    anysize.validate(lengths, cost)
+    assert anysize.predicted_time_s < pow2.predicted_time_s
+    assert min(g.degree for g in anysize.microbatches[0].groups if g.seq_indices) >= 3
+    with pytest.raises(ValueError, match="powers of two"):
+        anysize.validate(lengths, TINY_COSTS[0])
+    # The option is a plan_step argument too, and the plan records it.
+    assert plan_step(lengths, num_ranks=16, cost=TINY_COSTS[0], group_sizes="any").group_sizes == "any"
