@@ -23,6 +23,13 @@ import torch
 import torch.multiprocessing as mp
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+"""The committed results: written only when asked for (``--out-dir benchmarks/results``)."""
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench"
+"""Where a benchmark writes by default (git-ignored), so a run never overwrites committed results."""
+OUT_DIR_HELP = (
+    "folder for the JSON and PNG results (default runs/bench, git-ignored; pass --out-dir benchmarks/results "
+    "to update the committed results)"
+)
 
 
 def git_revision() -> str:
@@ -87,7 +94,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 5, cuda
     return {"median_s": statistics.median(samples), "min_s": min(samples), "samples_s": samples}
 
 
-def write_json(name: str, payload: dict, out_dir: Path = RESULTS_DIR) -> Path:
+def write_json(name: str, payload: dict, out_dir: Path = DEFAULT_OUT_DIR) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

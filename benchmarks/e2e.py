@@ -37,7 +37,7 @@ loss of every policy is recorded: same weights, same batch, different plans, so 
 (plan invariance).
 
 Writes e2e.json, e2e.png and e2e_profile.json (the raw calibration, as ``seqmoe profile``
-writes it; benchmarks/projection.py reads it) under benchmarks/results/ (or --out-dir; the stem
+writes it; benchmarks/projection.py reads it) under --out-dir (default runs/bench/; the stem
 is --name).
 """
 
@@ -62,7 +62,7 @@ import torch.distributed as dist
 # otherwise shadow the planner package)
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, spawn_ranks, write_json  # noqa: E402
 from parallel import comm  # noqa: E402
 from planner.baselines import batch_adaptive, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
@@ -409,7 +409,7 @@ def _package_version(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 measured steps, 2 calibration repeats")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--name", default="e2e", help="stem of the output files (default e2e)")
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--steps", type=int, help="measured steps per policy (quick: 4, full: 24)")

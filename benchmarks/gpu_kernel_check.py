@@ -5,7 +5,7 @@
 Accuracy: relative RMS error ||x - ref|| / ||ref|| of the bf16 fla path (and of the bf16 torch
 path, for scale) against the fp32 pure-torch kernel on the same inputs; target <= 3e-3.
 Throughput: forward (+ backward where fla allows it) wall time, torch vs fla, same inputs.
-fla 0.6 refuses the backward of per-token gates on Hopper with Triton in [3.4, 3.7.1) (a
+fla refuses the backward of per-token gates on Hopper with Triton in [3.4, 3.7.1) (a
 miscompile, fla issue #640), so gated cases are measured forward-only there. Results are written
 after every step, so a run cut short still leaves what it measured.
 """
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, time_fn, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, time_fn, write_json  # noqa: E402
 from parallel.fla_backend import fla_gated_backward_ok  # noqa: E402
 from parallel.linear_attention import chunk_linear_attention  # noqa: E402
 
@@ -53,29 +53,23 @@ def rel_rms(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args()
-    result = {
-        "machine": machine_info(),
-        "config": {"B": B, "H": H, "head_dim": D, "dtype": "bfloat16"},
-        "fla_gated_backward_ok": fla_gated_backward_ok(),
-        "accuracy": [],
-        "throughput": [],
-    }
+def measure(result: dict, write, *, accuracy_T: int = 2048, lengths: tuple[int, ...] = (4096, 16384, 65536)) -> None:
+    """Append fla-vs-torch accuracy and throughput rows to ``result`` (calling ``write()`` after each)."""
+    result.setdefault("fla_gated_backward_ok", fla_gated_backward_ok())
+    result.setdefault("accuracy", [])
+    result.setdefault("throughput", [])
     cases = [("head", True), ("token", fla_gated_backward_ok())]
     for decay, backward in cases:
-        q, k, v, a = make(2048, decay)
-        do = torch.randn(B, 2048, H, D, device="cuda")
+        q, k, v, a = make(accuracy_T, decay)
+        do = torch.randn(B, accuracy_T, H, D, device="cuda")
         ref = run("torch", q.float(), k.float(), v.float(), a, do, backward)
         for backend in ("torch", "fla"):
             got = run(backend, q, k, v, a, do, backward)
             errs = dict(zip(["o", "dq", "dk", "dv"], (rel_rms(x, y) for x, y in zip(got, ref))))
             result["accuracy"].append({"decay": decay, "backward": backward, "backend": backend, "rel_rms": errs})
             print(f"accuracy decay={decay} backward={backward} {backend:>5} bf16 vs torch fp32: {errs}", flush=True)
-            write_json("gpu_kernel_check", result, args.out_dir)
-        for T in (4096, 16384, 65536):
+            write()
+        for T in lengths:
             q, k, v, a = make(T, decay)
             do = torch.randn(B, T, H, D, device="cuda")
             for backend in ("torch", "fla"):
@@ -95,7 +89,15 @@ def main():
                     f"{row['tokens_per_s'] / 1e6:8.2f} M tok/s",
                     flush=True,
                 )
-                write_json("gpu_kernel_check", result, args.out_dir)
+                write()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
+    args = parser.parse_args()
+    result = {"machine": machine_info(), "config": {"B": B, "H": H, "head_dim": D, "dtype": "bfloat16"}}
+    measure(result, lambda: write_json("gpu_kernel_check", result, args.out_dir))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ chunk kernel (CUDA only), forward + backward, side by side in one run.
 
     python benchmarks/linear_kernels.py [--quick] [--out-dir DIR]
 
-Writes linear_kernels.json and linear_kernels.png under benchmarks/results/ (or --out-dir).
+Writes linear_kernels.json and linear_kernels.png under --out-dir (default runs/bench/).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, time_fn, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, time_fn, write_json  # noqa: E402
 from parallel.fla_backend import fla_available  # noqa: E402
 from parallel.linear_attention import chunk_linear_attention  # noqa: E402
 
@@ -34,7 +34,7 @@ def fwd_bwd(backend: str, q, k, v, a):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()

@@ -30,7 +30,7 @@ Variants (one small hybrid "LLLS" model, MoE FFN in every layer, 16 experts, top
    less evenly, which is where most of the paper's global-LBL overhead came from). Bytes per
    step come from ``parallel.comm.CommMeter``.
 
-Writes moe.json, moe.png and moe_domains.png under benchmarks/results/ (or --out-dir).
+Writes moe.json, moe.png and moe_domains.png under --out-dir (default runs/bench/).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, spawn_ranks, write_json  # noqa: E402
 from moe.metrics import max_violation  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.sp_context import SPContext  # noqa: E402
@@ -510,7 +510,7 @@ def build_setup(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 seeds x 40 steps, EP=4 only, 4 repeats")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--seeds", type=int, help="number of seeds (quick: 2, full: 3)")
     parser.add_argument("--steps", type=int, help="training steps per quality run")
     parser.add_argument("--seq-len", type=int, help="max tokens per sequence (longer documents are split)")

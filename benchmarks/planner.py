@@ -336,7 +336,13 @@ def main() -> None:
         help="hybrid-1b-h100 context-length sweep: longest sequence per batch",
     )
     parser.add_argument("--context-batches", type=int, help="GitHub batches per context cap (default 5; quick 1)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="folder for the JSON and PNG results (default benchmarks/out/planner, git-ignored; pass "
+        "--out-dir benchmarks/results to update the committed results)",
+    )
     args = parser.parse_args()
     args.context_batches = args.context_batches or (1 if args.quick else 5)
     args.batches = args.batches or (2 if args.quick else 20)

@@ -32,7 +32,7 @@ O(M log K log S) and plans 4096 ranks x 8 sequences in well under a second of CP
 with its own share of the batch, and the step lasts as long as the slowest pod, for every
 policy alike.
 
-Writes projection.json and projection.png under benchmarks/results/ (or --out-dir). Every
+Writes projection.json and projection.png under --out-dir (default runs/bench/). Every
 number except ``plan_wall_s`` is a cost-model prediction, not a measurement.
 """
 
@@ -49,7 +49,7 @@ from pathlib import Path
 # otherwise shadow the planner package)
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, RESULTS_DIR, machine_info, write_json  # noqa: E402
 from benchmarks.e2e import calibrated_cost  # noqa: E402
 from planner.baselines import batch_adaptive, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
@@ -247,7 +247,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 batch per case, Wikipedia only")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 512, 4096])
     parser.add_argument("--seqs-per-rank", type=int, default=8, help="global batch = this x ranks sequences")
     parser.add_argument(

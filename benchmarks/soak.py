@@ -28,8 +28,8 @@ allocators and caches have warmed up:
 - process groups: constant on every rank, and ``num_cached_groups`` <= world - 1.
 
 Writes soak.json and soak.png (RSS, descriptors, step time and loss against the step) under
---out-dir (default: a fresh folder under /tmp, so the committed benchmarks/results/ are kept
-unless you pass --out-dir benchmarks/results).
+--out-dir (default runs/bench/, so the committed benchmarks/results/ are kept unless you pass
+--out-dir benchmarks/results).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU + gloo benchmark; deepspee
 # otherwise shadow the planner package)
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import machine_info, spawn_ranks, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, spawn_ranks, write_json  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.toml"
 MIB = 1 << 20
@@ -310,7 +310,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--max-slope-mib", type=float, default=2.0, help="RSS slope limit, MiB per 100 steps")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: a new folder under /tmp")
+    parser.add_argument("--out-dir", type=Path, default=None, help=OUT_DIR_HELP)
     parser.add_argument("--name", default="soak", help="stem of the JSON/PNG files")
     parser.add_argument(
         "--resummarise", type=Path, metavar="JSON", help="recompute the acceptance figures and plot of a saved run"
@@ -321,7 +321,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.every, args.checkpoint_every, args.eval_every = 60, 10, 20, 30
     if args.out_dir is None:
-        args.out_dir = Path(tempfile.mkdtemp(prefix="seqmoe-soak-"))
+        args.out_dir = DEFAULT_OUT_DIR
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="seqmoe-soak-run-"))
     samples_dir, run_dir = work / "samples", work / "run"

@@ -11,7 +11,7 @@ Every method runs through its ``*_in_context`` entry with one SPContext per conf
 the runtime calls it per micro-batch (no per-call validation or agreement collective).
 Each configuration runs every method in the same processes, interleaved repeat by repeat, so
 that they share the machine's conditions. A repeat's time is the slowest rank's (the step ends
-when the last rank does). Writes sp_ops.json and sp_ops.png under benchmarks/results/.
+when the last rank does). Writes sp_ops.json and sp_ops.png under --out-dir (default runs/bench/).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, spawn_ranks, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, spawn_ranks, write_json  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.context import ParallelContext  # noqa: E402
 from parallel.lasp2 import lasp2_attention_in_context  # noqa: E402
@@ -256,7 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two lengths per kind, three repeats")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=OUT_DIR_HELP)
     parser.add_argument("--linear-lengths", type=int, nargs="*", help="total lengths for linear attention")
     parser.add_argument("--softmax-lengths", type=int, nargs="*", help="total lengths for softmax attention")
     parser.add_argument("--delta-lengths", type=int, nargs="*", help="total lengths for the gated delta rule")

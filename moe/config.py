@@ -24,6 +24,9 @@ class MoEConfig:
     """1 = plain MoE; >= 2 = Chain-of-Experts with top_k / chain_iterations experts per iteration."""
     shared_expert: bool = False
     ep_size: int = 1
+    expert_compute: Literal["auto", "grouped", "loop"] = "auto"
+    """grouped: one grouped GEMM per projection over the local experts; loop: one expert at a time
+    (reference); auto: grouped on CUDA, loop on CPU (where it is faster)."""
 
     def validate(self) -> None:
         for name in ("num_experts", "top_k", "router_dim", "chain_iterations", "ep_size"):

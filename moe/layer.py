@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from moe.balance import BALANCE_MODES, BalanceTracker, inside_backward
 from moe.chain import chain_of_experts
 from moe.deepspeed_adapter import DeepSpeedMoEModule, expert_parallel_group
-from moe.experts import ExpertMLP, dispatch_combine
+from moe.experts import EXPERT_COMPUTE, ExpertMLP, dispatch_combine
 from moe.router import GRURouter, LinearRouter, Routing, make_gru_cell
 from parallel.comm import Group, group_rank, group_size
 
@@ -78,6 +78,7 @@ class MoELayer(DeepSpeedMoEModule):
         chain_iterations: int = 1,
         shared_expert: bool = False,
         ep_size: int = 1,
+        expert_compute: str = "auto",
         ep_group: Group | None = None,
         balance_group: Group | None = None,
         tracker: BalanceTracker | None = None,
@@ -95,6 +96,9 @@ class MoELayer(DeepSpeedMoEModule):
         )
         super().__init__(expert=ExpertMLP(d_model, hidden), num_experts=num_experts, ep_size=ep_size)
 
+        if expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(f"expert_compute={expert_compute!r}: allowed {', '.join(EXPERT_COMPUTE)}")
+        self.expert_compute = expert_compute
         self.top_k, self.chain_iterations = top_k, chain_iterations
         self.k_per_iteration = top_k // chain_iterations
         self.layer_index, self.seed = layer_index, seed
@@ -160,6 +164,7 @@ class MoELayer(DeepSpeedMoEModule):
             local_experts=self.local_experts,
             num_experts=self.num_experts,
             ep_group=self.ep_group,
+            expert_compute=self.expert_compute,
         )
 
     def forward(self, x: Tensor, router_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

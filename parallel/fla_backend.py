@@ -7,7 +7,12 @@ bridged here:
 - a per-head decay passed as ``g_gamma`` gets no gradient from fla, so a decay that requires a
   gradient is expanded to per-token gates ``g`` (autograd sums the gradient back to ``[H]``).
 - with documents fla takes one initial state per document and returns one final state per
-  document; ours feeds only the first document and returns the last one's.
+  document; ours feeds only the first document (the state carried in from earlier ranks under
+  LASP-2: every later document starts at zero) and returns the last one's.
+- fla refuses the backward of per-token gates on Hopper with Triton in [3.4.0, 3.7.1) (a Triton
+  miscompile, fla #640; lifted by Triton 3.7.1 with fla-core carrying fla PR #983): the
+  ``auto`` backend keeps training with gates on the torch kernel there
+  (:func:`fla_gated_backward_ok`).
 Bidirectional attention has no fla kernel and stays on the pure-torch path.
 """
 
@@ -19,7 +24,13 @@ import importlib.util
 import torch
 from torch import Tensor
 
-__all__ = ["fla_available", "fla_chunk_linear_attention", "fla_gated_backward_ok", "fla_uses_gates"]
+__all__ = [
+    "fla_available",
+    "fla_chunk_linear_attention",
+    "fla_gated_backward_ok",
+    "fla_uses_gates",
+    "gated_backward_refused",
+]
 
 
 @functools.cache
@@ -34,20 +45,46 @@ def fla_available() -> bool:
     return True
 
 
+def _version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version string such as '3.7.1+git1234' (missing parts are 0)."""
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return (*parts, 0, 0, 0)[:3]
+
+
+def gated_backward_refused(*, hopper: bool, triton_version: str, fla_knows_3_7_1: bool) -> bool:
+    """Whether fla refuses the backward of per-token gates (``chunk_bwd_dqkwg``) on this stack.
+
+    Triton 3.4.0 up to 3.7.0 miscompiles that kernel on Hopper (sm90: H100/H200/H20) and gives
+    wrong dk/dg (fla issue #640); Triton 3.7.1 fixes it. fla-core releases that carry fla PR
+    #983 (``fla.utils.TRITON_ABOVE_3_7_1``, merged 2026-06) raise only for Triton in
+    [3.4.0, 3.7.1); older fla raises for every Triton >= 3.4.0 on Hopper. torch >= 2.12.1
+    pins Triton 3.7.1, so a current torch + fla-core lifts the guard.
+    """
+    if not hopper:
+        return False
+    triton = _version(triton_version)
+    if triton < (3, 4, 0):
+        return False
+    return triton < (3, 7, 1) or not fla_knows_3_7_1
+
+
 @functools.cache
 def fla_gated_backward_ok() -> bool:
-    """False where fla itself refuses the backward of per-token gates: Hopper GPUs with Triton in
-    [3.4, 3.7.1), which miscompiles that kernel (fla issue #640; fla raises a RuntimeError)."""
+    """False where fla refuses the backward of per-token gates (see :func:`gated_backward_refused`)."""
     if not fla_available():
         return False
     import fla.utils as fla_utils
+    import triton
 
-    buggy = (
-        getattr(fla_utils, "IS_NVIDIA_HOPPER", False)
-        and getattr(fla_utils, "TRITON_ABOVE_3_4_0", False)
-        and not getattr(fla_utils, "TRITON_ABOVE_3_7_1", True)
+    refused = gated_backward_refused(
+        hopper=bool(getattr(fla_utils, "IS_NVIDIA_HOPPER", False)),
+        triton_version=triton.__version__,
+        fla_knows_3_7_1=hasattr(fla_utils, "TRITON_ABOVE_3_7_1"),
     )
-    return not buggy
+    return not refused
 
 
 def fla_uses_gates(log_decay: Tensor | None) -> bool:

@@ -33,9 +33,11 @@ Communication per rank and call, with n = B*T*H_kv*(D + D_v)*elem_bytes the loca
 * ``allgather_attention_in_context`` (the runtime's path) takes the micro-batch's ``SPContext``,
   whose one agreement check covers the whole model: no check per layer and no host read.
 
-Memory: the gathered K/V buffer holds W*n bytes (O(N)); the boolean mask of the visible key
-window is (H_q/H_kv)*T*window bytes (the query heads of a GQA group are folded into the query
-axis so that K/V are never repeated).
+Local compute: ``parallel.doc_attention`` attends each document separately (work ∝ Σ_docs local
+document tokens × visible keys; flash-attn varlen, flex_attention or SDPA per document). The
+former path, one boolean mask over the visible key window ((H_q/H_kv)*T*window bytes), stays as
+``packed_attention(..., method="dense")``.
+Memory: the gathered K/V buffer holds W*n bytes (O(N)); K/V are never repeated for GQA.
 Numerics: torch SDPA keeps the softmax in fp32 for bf16/fp16 inputs (fused kernels accumulate
 in fp32; the math backend upcasts unless ``allow_fp16_bf16_reduction_math_sdp`` is set).
 """
@@ -51,6 +53,7 @@ from torch import Tensor
 
 from parallel import comm
 from parallel.comm import Group
+from parallel.doc_attention import doc_attention
 from parallel.sp_context import (
     SPContext,
     check_group_agreement,
@@ -65,6 +68,7 @@ __all__ = [
     "allgather_attention_local",
     "check_group_agreement",
     "check_shards_agree",
+    "dense_packed_attention",
     "packed_attention",
     "shard_fingerprint",
     "validate_attention_shards",
@@ -188,9 +192,32 @@ def packed_attention(
     causal: bool,
     bounds: list[int] | None,
     scale: float,
+    method: str = "auto",
 ) -> Tensor:
     """Attention of T queries at global positions ``[q_offset, q_offset + T)`` over all S keys,
-    with checked arguments (``bounds``: document boundaries as ints). Returns ``[B, T, H, E]``."""
+    with checked arguments (``bounds``: document boundaries as ints). Returns ``[B, T, H, E]``.
+
+    ``method``: a ``parallel.doc_attention`` backend (``"auto"``: per document, work ∝ Σ_docs
+    local doc tokens × visible keys), or ``"dense"``: one mask over the whole visible key window
+    (the former path, kept as the reference and for benchmarks)."""
+    if method != "dense":
+        return doc_attention(
+            q_BTHD, k_BSKD, v_BSKE, q_offset=q_offset, causal=causal, bounds=bounds, scale=scale, backend=method
+        )
+    return dense_packed_attention(q_BTHD, k_BSKD, v_BSKE, q_offset=q_offset, causal=causal, bounds=bounds, scale=scale)
+
+
+def dense_packed_attention(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKE: Tensor,
+    *,
+    q_offset: int,
+    causal: bool,
+    bounds: list[int] | None,
+    scale: float,
+) -> Tensor:
+    """:func:`packed_attention` by one boolean mask over the visible key window (work ∝ T × window)."""
     T, S = q_BTHD.shape[1], k_BSKD.shape[1]
     lo, hi = _key_window(q_offset, T, S, causal, bounds)
     mask_TS = _window_mask(q_offset, T, lo, hi, causal=causal, bounds=bounds, device=q_BTHD.device)

@@ -1,1 +1,4 @@
-"""Configuration, CLI and (to come) the training runtime."""
+"""The training runtime: configuration, data, model, training loop, checkpoints, CLI."""
+
+__version__ = "0.1.0"
+"""The package version (pyproject.toml reads it from here)."""

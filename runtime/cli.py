@@ -1,4 +1,4 @@
-"""The ``seqmoe`` command: train, launch, plan, profile, bench, config.
+"""The ``seqmoe`` command: train, launch, plan, profile, bench, config, tokenizer, export, generate.
 
 Config-driven subcommands take ``--config PATH`` plus any number of ``--section.key=value``
 overrides (``seqmoe config --config configs/tiny-cpu.toml --train.steps=20``).
@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runtime import __version__
+from runtime.cli_io import register as register_io_commands
 from runtime.config import ConfigError, load_config, to_toml
 
 # Exit code of a subcommand whose feature has not landed yet: distinct from success (0),
@@ -25,6 +27,7 @@ BENCH_SUITES = {
     "moe": ("moe.py", "MoE balance, router and Chain-of-Experts overheads and quality"),
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
     "projection": ("projection.py", "PROJECTED (cost-model) scaling of adaptive vs static SP to 4096 ranks"),
+    "kernels": ("kernels.py", "per-document vs packed softmax attention, grouped vs looped experts (CPU)"),
     "soak": ("soak.py", "1,000-step run: RSS, descriptors and process groups stay flat (--quick: 60 steps)"),
 }
 
@@ -38,7 +41,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from runtime.tokenizer import check_vocab_size
+
     config = load_config(args.config, overrides)
+    check_vocab_size(config.data.tokenizer, config.model.vocab_size)  # a tokenizer file and the model agree
     print(to_toml(config), end="")
     return 0
 
@@ -231,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed training of long-context hybrid linear/softmax-attention + MoE models: "
         "per-step SP planning, LASP-2 / LASP-2H sequence parallelism, global-batch load balancing.",
     )
+    parser.add_argument("--version", action="version", version=f"seqmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train on the ranks of this launch (run under `seqmoe launch` or torchrun)")
@@ -270,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", default="cost-model.json", help="where to write the fitted cost model (JSON)")
     profile.set_defaults(handler=_cmd_profile, takes_overrides=True)
 
-    bench = sub.add_parser("bench", help="run a benchmark suite; writes JSON + PNG under benchmarks/results/")
+    bench = sub.add_parser(
+        "bench", help="run a benchmark suite; writes JSON + PNG under runs/bench/ (--out-dir DIR to choose)"
+    )
     bench.add_argument(
         "suite",
         nargs="?",
@@ -285,10 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config (preset + overrides) as TOML, validated")
     _add_config_args(config)
     config.set_defaults(handler=_cmd_config, takes_overrides=True)
+    register_io_commands(sub, _add_config_args)  # tokenizer train, export, generate (runtime/cli_io.py)
     return parser
 
 
+def _per_venv_extensions_dir() -> None:
+    """DeepSpeed's compiled op is cached in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions,
+    shared by every venv, so two venvs rebuild it on every run: ~80 s against ~7 s). Inside a venv
+    and unless set, keep it in the venv; child ranks inherit the variable."""
+    folder = Path(sys.prefix) / "torch_extensions"
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _per_venv_extensions_dir()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and argv[1:2] and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):

@@ -95,8 +95,16 @@ class DataConfig:
     max_seq_len: int = 2048
     long_sequence_policy: Literal["error", "truncate", "split"] = "split"
     validation_fraction: float = 0.05
+    tokenizer: str = "bytes"
+    """'bytes' (the 256 byte values) or a local tokenizer.json path; model.vocab_size must equal its vocabulary."""
+    text_key: str = "text"
+    """data.source = jsonl: the field that holds each record's text."""
 
     def validate(self) -> None:
+        if not self.tokenizer:
+            fail("data.tokenizer", self.tokenizer, "use 'bytes' or the path of a tokenizer.json")
+        if not self.text_key:
+            fail("data.text_key", self.text_key, 'name the JSONL field that holds the text (default "text")')
         if self.source != "embedded" and not self.path:
             fail("data.path", self.path, f"data.source={self.source!r} needs a path")
         positive("data.global_batch_sequences", self.global_batch_sequences)

@@ -16,10 +16,15 @@ Sources:
   header of Python code, a section of prose, a block of table rows. Lengths run from tens of
   bytes to tens of KB (medians ~0.4-0.9 KB, p90 3-10x the median), so the sequences of a batch
   differ in length by one to two orders of magnitude, as in real corpora.
-- ``jsonl``: one JSON object per line, a string ``"text"`` and an optional string ``"domain"``
-  (default ``"text"``); domains are numbered in order of first appearance.
+- ``jsonl``: one JSON object per line, a string under ``data.text_key`` (default ``"text"``) and
+  an optional string ``"domain"`` (default ``"text"``); domains are numbered in order of first
+  appearance.
 - ``megatron``: a Megatron-LM indexed dataset (``<prefix>.bin``/``.idx``) read with
   megatron-core's ``IndexedDataset``; a document is the concatenation of its sequences.
+
+Text sources are bytes unless ``data.tokenizer`` names a ``tokenizer.json`` (runtime/tokenizer.py):
+then each document is decoded as UTF-8 and encoded with it once, at load time. Megatron data is
+already token ids and is read as it is.
 
 A source document (a unit, for ``embedded``) is for validation when the CRC-32 of its index (never Python's salted
 ``hash``) is below ``validation_fraction`` of 2**32: the split ignores the seed, the batch size
@@ -46,6 +51,7 @@ import torch
 
 from runtime.config import DataConfig
 from runtime.corpus import DOMAIN_BUDGET_BYTES, DOMAINS, embedded_documents
+from runtime.tokenizer import BYTES, Tokenizer, check_vocab_size, load_tokenizer
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
@@ -57,7 +63,9 @@ __all__ = [
     "Split",
     "build_dataset",
     "decode",
+    "embedded_texts",
     "encode",
+    "jsonl_texts",
 ]
 
 BYTE_VOCAB_SIZE = 256
@@ -148,7 +156,42 @@ def _embedded_corpus() -> _Corpus:
     return _corpus_from_bytes(chunks, domains, DOMAINS, lambda i: f"embedded document {names[i]!r}")
 
 
-def _jsonl_corpus(path: str) -> _Corpus:
+def _tokenized(corpus: _Corpus, tokenizer: Tokenizer) -> _Corpus:
+    """``corpus`` (a byte stream) encoded document by document with ``tokenizer``."""
+    texts = [
+        bytes(corpus.read(int(start), int(count))).decode("utf-8", errors="replace")
+        for start, count in zip(corpus.starts, corpus.lengths)
+    ]
+    ids = tokenizer.encode_batch(texts)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    stream = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype=dtype)
+    lengths = np.array([a.size for a in ids], dtype=np.int64)
+    return _Corpus(
+        lambda start, count: stream[start : start + count],
+        np.cumsum(lengths) - lengths,
+        lengths,
+        corpus.domains,
+        corpus.domain_names,
+        corpus.describe,
+    )
+
+
+def jsonl_texts(path: str, text_key: str = "text") -> list[str]:
+    """The texts of a JSONL file (as ``data.source='jsonl'`` reads them), for tokenizer training."""
+    corpus = _jsonl_corpus(path, text_key)
+    return [bytes(corpus.read(int(s), int(n))).decode("utf-8") for s, n in zip(corpus.starts, corpus.lengths)]
+
+
+def embedded_texts() -> list[str]:
+    """The embedded corpus's documents as text (invalid UTF-8 as U+FFFD), for tokenizer training."""
+    corpus = _embedded_corpus()
+    return [
+        bytes(corpus.read(int(s), int(n))).decode("utf-8", errors="replace")
+        for s, n in zip(corpus.starts, corpus.lengths)
+    ]
+
+
+def _jsonl_corpus(path: str, text_key: str = "text") -> _Corpus:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data.path={path!r}: no such file (data.source='jsonl' reads one JSON object per line)")
@@ -163,11 +206,14 @@ def _jsonl_corpus(path: str) -> _Corpus:
             except ValueError as exc:
                 raise DataError(f"{where}: invalid JSON ({exc})") from None
             if not isinstance(record, dict):
-                raise DataError(f'{where}: expected a JSON object with a "text" field, got {type(record).__name__}')
-            text, domain = record.get("text"), record.get("domain", "text")
+                raise DataError(
+                    f"{where}: expected a JSON object with a {json.dumps(text_key)} field, got {type(record).__name__}"
+                )
+            text, domain = record.get(text_key), record.get("domain", "text")
             if not isinstance(text, str):
-                found = "missing" if "text" not in record else f"a {type(text).__name__}, not a string"
-                raise DataError(f'{where}: field "text" is {found}')
+                found = "missing" if text_key not in record else f"a {type(text).__name__}, not a string"
+                hint = f" (keys: {', '.join(sorted(record)[:8])}; set data.text_key)" if text_key not in record else ""
+                raise DataError(f"{where}: field {json.dumps(text_key)} is {found}{hint}")
             if not isinstance(domain, str):
                 raise DataError(f'{where}: field "domain" must be a string, got {type(domain).__name__}')
             chunks.append(text.encode("utf-8"))
@@ -391,12 +437,17 @@ def _check_vocab(corpus: _Corpus, vocab_size: int) -> None:
 def build_dataset(data_cfg: DataConfig, *, vocab_size: int) -> Dataset:
     """Load ``data_cfg.source``, check tokens against ``vocab_size``, apply the length policy, split."""
     data_cfg.validate()
+    tokenizer = None if data_cfg.tokenizer == BYTES else load_tokenizer(data_cfg.tokenizer)
+    if tokenizer is not None:
+        check_vocab_size(data_cfg.tokenizer, vocab_size, tokenizer)  # before reading any data
     if data_cfg.source == "embedded":
         corpus = _embedded_corpus()
     elif data_cfg.source == "jsonl":
-        corpus = _jsonl_corpus(data_cfg.path)
+        corpus = _jsonl_corpus(data_cfg.path, data_cfg.text_key)
     else:
         corpus = _megatron_corpus(data_cfg.path)
+    if tokenizer is not None and data_cfg.source != "megatron":
+        corpus = _tokenized(corpus, tokenizer)
     _check_vocab(corpus, vocab_size)
     usable = np.flatnonzero(corpus.lengths >= 2)
     in_validation = _validation_mask(usable, data_cfg.validation_fraction)

@@ -231,6 +231,7 @@ class HybridLM(nn.Module):
             chain_iterations=moe.chain_iterations,
             shared_expert=moe.shared_expert,
             ep_size=moe.ep_size,
+            expert_compute=moe.expert_compute,
             ep_group=ep_group,
             tracker=self.tracker,
             layer_index=index,

@@ -32,7 +32,9 @@ from runtime.checkpoint import load_checkpoint, save_checkpoint
 from runtime.config import Config, ConfigError, to_toml
 from runtime.data import build_dataset
 from runtime.model import HybridLM, build_model
-from runtime.outputs import RunOutputs, gpu_telemetry, plan_shape, plan_summary
+from runtime.outputs import RunOutputs, gpu_telemetry, plan_summary
+from runtime.progress import Progress
+from runtime.startup import startup_lines
 from runtime.step import StepResult, evaluate_plan, run_plan
 from runtime.watchdog import StepWatchdog
 
@@ -230,6 +232,9 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
         seed=t.seed,
         domain_names=dataset.domain_names,
     ).to(ctx.device)
+    if ctx.rank == 0:
+        for line in startup_lines(config, ctx, dataset, model, cost):
+            report(line)
     engine = build_engine(model, config)
     run_dir = config.resolved_run_dir
     # a torchrun elastic restart (a rank died) resumes from the last checkpoint by itself
@@ -242,7 +247,7 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
     if out is not None:
         (run_dir / "config.toml").write_text(to_toml(config))
     planner = StepPlanner(config, cost, ctx, lambda i: dataset.train_batch(i, t.seed).lengths)
-    progress = _progress(ctx, start, t.steps)
+    progress = Progress(start=start, steps=t.steps, log_every=t.log_every, enabled=ctx.rank == 0)
     bad_in_a_row, row = 0, {}
     try:
         for step in range(start, t.steps):
@@ -279,10 +284,7 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
             if ctx.rank == 0:
                 row["gpu"] = gpu_telemetry() or None
                 out.log(row)
-                progress.set_postfix_str(
-                    f"loss {loss:.3f} | {row['tokens_per_s']:.0f} tok/s | plan {plan_shape(row['plan'])}"
-                )
-                progress.update(1)
+                progress.update(row)
             if bad_in_a_row >= t.max_bad_steps:
                 raise TrainingError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
@@ -356,12 +358,6 @@ def _evaluate(model: HybridLM, ctx: ParallelContext, dataset, planner: StepPlann
         model.routing_metrics.reset()  # evaluation routing is not training routing
     loss_sum, targets = all_sum(ctx, [loss_sum, targets])
     return loss_sum / max(targets, 1.0)
-
-
-def _progress(ctx: ParallelContext, start: int, steps: int):
-    from tqdm import tqdm
-
-    return tqdm(total=steps, initial=start, desc="train", unit="step", disable=ctx.rank != 0, dynamic_ncols=True)
 
 
 def main_train(config: Config) -> int:

@@ -1,5 +1,6 @@
-"""GPU checks (skipped without CUDA): the fla path against the pure-torch path in bf16, and
-LASP-2 on CUDA through the fla local kernel.
+"""GPU checks (skipped without CUDA): the fla path against the pure-torch path in bf16, LASP-2
+on CUDA through the fla local kernel, per-document softmax attention's CUDA backends; and, on
+any machine, the dry mode of the prepared GPU script (benchmarks/gpu_kernels.py).
 
 Metric: relative RMS error ||x - ref|| / ||ref|| against an fp32 pure-torch reference computed
 from the same (bf16-rounded) inputs. Tolerance 3e-3, the bound fla's own context-parallel tests
@@ -15,7 +16,7 @@ from parallel.fla_backend import fla_available, fla_gated_backward_ok
 from parallel.linear_attention import chunk_linear_attention
 from tests.sp_sim import simulate_lasp2
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BF16_TOL = 3e-3
 
 
@@ -68,6 +69,7 @@ FLA_CASES = [
 ]
 
 
+@needs_cuda
 @pytest.mark.skipif(not fla_available(), reason="flash-linear-attention is not installed")
 @pytest.mark.parametrize("decay,docs,with_h0", FLA_CASES, ids=["token", "token-packed-h0", "head-h0"])
 def test_fla_path_matches_torch_path_bf16(decay, docs, with_h0):
@@ -87,6 +89,7 @@ def test_fla_path_matches_torch_path_bf16(decay, docs, with_h0):
         assert rel_rms(x, y) <= BF16_TOL, f"{name}: relative RMS {rel_rms(x, y):.2e}"
 
 
+@needs_cuda
 @pytest.mark.skipif(not fla_available(), reason="flash-linear-attention is not installed")
 def test_auto_backend_avoids_fla_where_it_refuses_the_gated_backward():
     q, k, v, a, _ = _inputs(1, 256, 2, 64, "token", docs=False)
@@ -96,6 +99,7 @@ def test_auto_backend_avoids_fla_where_it_refuses_the_gated_backward():
     assert all(x.grad is not None for x in leaves)
 
 
+@needs_cuda
 def test_lasp2_on_cuda_bf16_matches_fp32_reference():
     W, T = 4, 512
     q, k, v, a, cu = _inputs(1, W * T, 4, 128, "token", docs=True, seed=1)
@@ -106,3 +110,48 @@ def test_lasp2_on_cuda_bf16_matches_fp32_reference():
     )
     for name, x, y in zip(["o", "dq", "dk", "dv", "dlog_decay"], got, ref):
         assert rel_rms(x, y) <= BF16_TOL, f"{name}: relative RMS {rel_rms(x, y):.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa"])
+def test_doc_attention_cuda_backends_match_fp32_reference(backend):
+    from parallel.doc_attention import doc_attention, select_backend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, q_offset, T, bounds = 1024, 256, 512, [0, 100, 300, 301, 700, 1024]
+    q = torch.randn(1, T, 8, 64, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(1, S, 4, 64, device="cuda", generator=g).bfloat16() for _ in range(2))
+    try:
+        select_backend(q, v, backend)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    do = torch.randn(1, T, 8, 64, device="cuda", generator=g)
+    results = []
+    for inputs, chosen in (((q, k, v), backend), ((q.float(), k.float(), v.float()), "sdpa")):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        o = doc_attention(*leaves, q_offset=q_offset, causal=True, bounds=bounds, scale=0.125, backend=chosen)
+        o.float().backward(do)
+        results.append([o] + [t.grad for t in leaves])
+    for name, x, y in zip(["o", "dq", "dk", "dv"], *results):
+        assert rel_rms(x, y) <= 2e-2, f"{name}: relative RMS {rel_rms(x, y):.2e}"  # bf16 inputs
+
+
+def test_gpu_script_dry_mode_runs_top_to_bottom(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "benchmarks/gpu_kernels.py", "--dry", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    result = json.loads((tmp_path / "gpu_kernels_dry.json").read_text())
+    assert all(status["ok"] for status in result["stage_status"].values()), result["stage_status"]
+    assert set(result["stage_status"]) == {"softmax", "linear", "experts", "train"}
+    methods = {r["method"] for r in result["softmax"] if "median_s" in r}
+    assert methods == {"sdpa", "dense", "one_by_one"}  # flash / flex need CUDA: skipped on CPU
+    assert all(r["rel_rms"]["o"] < 1e-5 for r in result["softmax"] if "rel_rms" in r)
+    assert {r["compute"] for r in result["experts"]} == {"loop", "grouped"}
+    (train,) = result["train"]
+    assert train["counted_flops"] > 0 and train["tokens_per_s"] > 0
+    assert train["profile"]["by_class_ms"]
