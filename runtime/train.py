@@ -7,14 +7,14 @@ One step, as DESIGN.md draws it: the data gives step i's global batch (it depend
 seed and i); rank 0's planner has already planned it while step i-1 trained and broadcasts the
 plan; each rank runs the plan's micro-batches with the plan's SP groups (runtime/step.py); the
 DeepSpeed engine sums gradients over all ranks (experts over their expert-data-parallel group),
-clips, and steps AdamW with a warmup-cosine schedule; the MoE balance buffer is reset; rank 0
-logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
+clips, and steps AdamW with a warmup-cosine schedule (``runtime.step.train_step``: the MoE
+balance buffer is emptied as the step begins, losses stay on the device until the step's one
+reduction); rank 0 logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
 the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -35,15 +35,13 @@ from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_summary
 from runtime.progress import Progress
 from runtime.startup import startup_lines
-from runtime.step import StepResult, evaluate_plan, run_plan
+from runtime.step import evaluate_plan, train_step
 from runtime.watchdog import StepWatchdog
 
 __all__ = [
     "TrainingError",
     "all_sum",
     "build_engine",
-    "forward_backward",
-    "optimizer_step",
     "resolve_cost_model",
     "train",
 ]
@@ -182,7 +180,8 @@ class StepPlanner:
 
 
 def all_sum(ctx: ParallelContext, values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    """Host values summed over all ranks (on the context's device: an NCCL group takes no CPU tensor)."""
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1:
         dist.all_reduce(t, group=ctx.world)
     return t.tolist()
@@ -255,28 +254,24 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
             began = time.perf_counter()
             batch = dataset.train_batch(step, t.seed)
             plan = planner.plan(step, t.steps)
-            result = forward_backward(model, engine, ctx, plan, batch)
-            grad_norm = optimizer_step(engine, ctx, t.zero_stage, config.moe.ep_size)
-            model.end_step()
-            loss_sum, aux_sum, tokens = all_sum(ctx, [result.loss_sum, result.aux_loss, result.tokens])
-            loss = loss_sum / sum(len(s) - 1 for s in batch.sequences)
-            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            result = train_step(model, engine, ctx, plan, batch)
+            loss, grad_norm, skipped = result.loss, result.grad_norm, result.skipped
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
             step_time = time.perf_counter() - began
             row = {
                 "step": step,
                 "loss": loss,
-                "aux_loss": aux_sum,
+                "aux_loss": result.aux_loss,
                 "grad_norm": grad_norm,
-                "tokens": int(tokens),
+                "tokens": result.tokens,
                 "step_time_s": step_time,
-                "tokens_per_s": tokens / step_time,
+                "tokens_per_s": result.tokens / step_time,
                 "lr": engine.get_lr()[0],
                 "skipped": skipped,
                 "plan": plan_summary(plan),
             }
-            if model.routing_metrics is not None:
-                row["moe"] = model.routing_metrics.summary(ctx.world)
+            if result.moe is not None:
+                row["moe"] = result.moe
             if skipped and ctx.rank == 0:
                 report(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped")
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
@@ -300,48 +295,6 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
             if out is not None:
                 out.close()
     return row
-
-
-def forward_backward(model: HybridLM, engine, ctx: ParallelContext, plan: StepPlan, batch) -> StepResult:
-    """Forward and backward of every micro-batch of ``plan`` through the DeepSpeed engine.
-
-    The engine averages gradients over ranks; our per-rank losses are shares of one global loss
-    whose gradients must be *summed*, hence the factor world_size. The plan decides the number of
-    micro-batches, so the accumulation boundary is marked here, not counted by DeepSpeed."""
-
-    def backward(loss: torch.Tensor, last: bool) -> None:
-        engine.set_gradient_accumulation_boundary(last)
-        engine.backward(loss * ctx.world_size, scale_wrt_gas=False)
-
-    return run_plan(model, ctx, plan, batch.sequences, batch.domains, forward=engine, backward=backward)
-
-
-def optimizer_step(engine, ctx: ParallelContext, zero_stage: int, ep_size: int) -> float:
-    """Clip and step; returns the global gradient norm, which is inf or nan when the update was
-    skipped because a gradient was not finite."""
-    if zero_stage > 0:
-        engine.step()  # ZeRO-1/2 compute the global norm and skip a non-finite step themselves
-        norm = engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
-    # stage 0: the engine summed the gradients at the last backward; check them before stepping.
-    # Shared parameters are identical on every rank; each expert lives on world/ep_size ranks.
-    from deepspeed.moe.utils import is_moe_param
-
-    shared = expert = 0.0
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            sq = float(p.grad.detach().double().pow(2).sum())
-            if is_moe_param(p):
-                expert += sq
-            else:
-                shared += sq
-    copies = ctx.world_size // ep_size
-    norm = math.sqrt(shared + all_sum(ctx, [expert])[0] / copies)
-    if math.isfinite(norm):
-        engine.step()
-    else:
-        engine.zero_grad()
-    return norm
 
 
 @torch.no_grad()
