@@ -99,6 +99,8 @@ class ParallelContext:
     """Non-buddy groups made by ensure_groups, least recently used first (on every rank, members or not)."""
     max_extra_groups: int | None = field(default=None, repr=False)
     """Non-buddy groups kept beyond the current plan's (None: the world size)."""
+    timeout_s: float | None = field(default=None, repr=False)
+    """The collective timeout of every group this context creates (None: torch's default, 30 min)."""
 
     @classmethod
     def initialize(
@@ -122,10 +124,12 @@ class ParallelContext:
                 world_size=world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
-        return cls.from_initialized(backend=backend, device=device)
+        return cls.from_initialized(backend=backend, device=device, timeout_s=timeout_s)
 
     @classmethod
-    def from_initialized(cls, *, backend: str = "auto", device: str = "auto") -> ParallelContext:
+    def from_initialized(
+        cls, *, backend: str = "auto", device: str = "auto", timeout_s: float | None = None
+    ) -> ParallelContext:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call ParallelContext.initialize()")
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -138,6 +142,7 @@ class ParallelContext:
             torch.cuda.set_device(resolved_device)
         world = dist.group.WORLD if world_size > 1 else SOLO
         ctx = cls(rank, world_size, local_rank, resolved_device, actual_backend, world)
+        ctx.timeout_s = timeout_s
         ctx._create_buddy_groups()
         return ctx
 
@@ -146,11 +151,16 @@ class ParallelContext:
         """One process without torch.distributed (every group is SOLO): benchmarks and tests."""
         return cls(0, 1, 0, torch.device(device), "gloo", SOLO)
 
+    def _new_group(self, ranks: tuple[int, ...]) -> Group:
+        # new_group does not inherit the world's timeout (it defaults to 30 min): pass it on
+        timeout = None if self.timeout_s is None else timedelta(seconds=self.timeout_s)
+        return dist.new_group(list(ranks), timeout=timeout)
+
     def _create_buddy_groups(self) -> None:
         world_ranks = tuple(range(self.world_size))
         for ranks in buddy_group_ranks(self.world_size):
             # new_group is collective over all ranks: everyone calls it, in this same order
-            group = self.world if ranks == world_ranks else dist.new_group(list(ranks))
+            group = self.world if ranks == world_ranks else self._new_group(ranks)
             if self.rank in ranks:
                 self._groups[ranks] = group
 
@@ -174,7 +184,7 @@ class ParallelContext:
                 self._extra.move_to_end(ranks)
                 continue
             # new_group is collective over all ranks: everyone calls it, in this same order
-            group = self.world if ranks == world_ranks else dist.new_group(list(ranks))
+            group = self.world if ranks == world_ranks else self._new_group(ranks)
             member = self.rank in ranks
             self._extra[ranks] = group if member else None
             if member:

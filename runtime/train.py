@@ -42,6 +42,7 @@ from runtime.progress import Progress
 from runtime.run_dir import RunFolder
 from runtime.startup import startup_lines
 from runtime.step import evaluate_plan, train_step
+from runtime.watchdog import StepWatchdog
 
 __all__ = [
     "TrainingError",
@@ -139,15 +140,34 @@ class StepPlanner:
             if self.async_planner is None:
                 plan = self._plan_now(self.lengths_of(step))
             else:
-                if step not in self.async_planner.pending():
-                    self.async_planner.submit(step, self.lengths_of(step))
-                plan = self.async_planner.result(step)
-                if step + 1 < last_step:
-                    self.async_planner.submit(step + 1, self.lengths_of(step + 1))
+                plan = self._async_plan(step, last_step)
             text = [plan.to_json()]
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(text, src=0, group=self.ctx.world)
         return StepPlan.from_json(text[0])
+
+    def _async_plan(self, step: int, last_step: int) -> StepPlan:
+        """Step's plan from the background worker (and submit the next); if the worker process died,
+        plan in this process from now on."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from planner.async_plan import PlanningError
+
+        try:
+            if step not in self.async_planner.pending():
+                self.async_planner.submit(step, self.lengths_of(step))
+            plan = self.async_planner.result(step)
+            if step + 1 < last_step:
+                self.async_planner.submit(step + 1, self.lengths_of(step + 1))
+            return plan
+        except (PlanningError, BrokenProcessPool) as exc:
+            if not isinstance(exc, BrokenProcessPool) and not isinstance(exc.__cause__, BrokenProcessPool):
+                raise
+        warning = f"warning: step {step}: the planner worker process died; planning in the training process from now on"
+        print(warning, flush=True)
+        self.async_planner.shutdown(wait=False)
+        self.async_planner = None
+        return self._plan_now(self.lengths_of(step))
 
     def close(self) -> None:
         if self.async_planner is not None:
@@ -173,20 +193,27 @@ def _check_fits(dataset, cost: CostModel, world: int, policy: str) -> None:
         )
 
 
-def train(config: Config, *, report=print) -> dict:
-    """Run ``config``; returns the last step's metrics row (on every rank)."""
+def train(config: Config, *, report=print, on_step_start=None) -> dict:
+    """Run ``config``; returns the last step's metrics row (on every rank). ``on_step_start(ctx,
+    step)``, if given, runs on every rank as each step starts (benchmarks/soak.py samples memory)."""
     discover_environment(expected_world_size=config.launch.nnodes * config.launch.nproc_per_node).export()
     ctx = ParallelContext.initialize(
         backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
     )
+    watch = StepWatchdog(ctx, config.parallel.timeout_s, on_begin=on_step_start)
     try:
         with RunFolder(ctx, config, report) as folder:  # preflight, the folder's lock, what to resume
-            return _train(ctx, config, report, folder)
+            return _train(ctx, config, report, watch, folder)
+    except RuntimeError as exc:  # a collective that timed out: say which rank, at which step
+        hang = watch.explain(exc)
+        if hang is None:
+            raise
+        raise hang from exc
     finally:
         ctx.destroy()  # also on errors: a caller in the same process may start another job
 
 
-def _train(ctx: ParallelContext, config: Config, report, folder: RunFolder) -> dict:
+def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog, folder: RunFolder) -> dict:
     t = config.train
     torch.manual_seed(t.seed)  # identical non-expert parameters on every rank
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
@@ -216,6 +243,7 @@ def _train(ctx: ParallelContext, config: Config, report, folder: RunFolder) -> d
     bad_in_a_row, row = 0, {}
     try:
         for step in range(start, t.steps):
+            watch.begin(step)
             began = time.perf_counter()
             lr = set_lr(engine.optimizer, lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.steps))
             batch = dataset.train_batch(step, t.seed)

@@ -151,9 +151,10 @@ def test_checkpoint_checks_detect_partial_and_corrupt(tmp_path):
     good = tmp_path / "step_000002"
     good.mkdir()
     (good / "rank0.pt").write_bytes(b"abc")
-    import zlib
+    import hashlib
 
-    manifest = {"step": 2, "world_size": 1, "files": {"rank0.pt": {"bytes": 3, "crc32": zlib.crc32(b"abc")}}}
+    sha = hashlib.sha256(b"abc").hexdigest()
+    manifest = {"step": 2, "world_size": 1, "files": {"rank0.pt": {"bytes": 3, "sha256": sha}}}
     (good / "manifest.json").write_text(json.dumps(manifest))
     newer = tmp_path / "step_000004"
     newer.mkdir()
