@@ -34,7 +34,7 @@ from planner.plan import StepPlan
 from runtime.checkpoint import load_checkpoint
 from runtime.config import Config, ConfigError, to_toml
 from runtime.data import build_dataset
-from runtime.lr_schedule import lr_at, set_lr
+from runtime.lr_schedule import lr_at
 from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_summary
 from runtime.preflight import check_data
@@ -245,10 +245,10 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog, fo
         for step in range(start, t.steps):
             watch.begin(step)
             began = time.perf_counter()
-            lr = set_lr(engine.optimizer, lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.steps))
+            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.steps)
             batch = dataset.train_batch(step, t.seed)
             plan = planner.plan(step, t.steps)
-            result = train_step(model, engine, ctx, plan, batch)
+            result = train_step(model, engine, ctx, plan, batch, lr=lr)
             loss, grad_norm, skipped = result.loss, result.grad_norm, result.skipped
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
             step_time = time.perf_counter() - began
