@@ -244,12 +244,15 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _unwritable(path: Path) -> str | None:
-    """Why a file cannot be written at ``path`` (checked before any work), or None."""
+    """Why a file cannot be written at ``path`` (checked before any work), or None. Missing
+    folders are fine (they are created), unless what stands in their place is a file."""
     if path.is_dir():
         return "is a folder"
     folder = path.parent if str(path.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     if not folder.is_dir():
-        return f"folder {folder} does not exist"
+        return f"{folder} is a file, not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"folder {folder} is not writable"
     return None

@@ -85,29 +85,28 @@ class RunOutputs:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.rows = self._kept_rows(start_step)
-        text = "".join(json.dumps(r) + "\n" for r in self.rows)
+        # a resumed run keeps the rows of the steps before it; nothing is held in memory after
+        # this (a long run's rows would grow rank 0's RSS): the plots read the file back
+        kept = [row for row in self._read_rows() if start_step and row.get("step", start_step) < start_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics_path, lambda tmp: tmp.write_text(text))
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a resumed run's re-run steps replace the old events instead of doubling them
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 
-    def _kept_rows(self, start_step: int) -> list[dict]:
-        if not self.metrics_path.exists() or start_step == 0:
+    def _read_rows(self) -> list[dict]:
+        if not self.metrics_path.exists():
             return []
         rows = []
         for line in self.metrics_path.read_text().splitlines():
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except ValueError:
                 continue  # a line cut by a kill mid-write
-            if row.get("step", start_step) < start_step:
-                rows.append(row)
         return rows
 
     def log(self, row: dict) -> None:
-        self.rows.append(row)
         with self.metrics_path.open("ab", buffering=0) as f:
             size = f.tell()
             try:
@@ -135,7 +134,7 @@ class RunOutputs:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rows if not r.get("skipped")]
+        rows = [r for r in self._read_rows() if not r.get("skipped")]
         if not rows:
             return
         fig, ax = plt.subplots(figsize=(7, 4))

@@ -220,10 +220,10 @@ CASES: dict[str, tuple[tuple[str, ...], int, list[str]]] = {
     "run_dir under a file": ((*T, "--train.run_dir={tmp}/a-file/run"), 2, ["train.run_dir", "a-file"]),
     "run_dir that cannot be written (/proc)": ((*T, "--train.run_dir=/proc/seqmoe-run"), 2, ["cannot be written"]),
     "resume from a missing checkpoint": ((*T, "--train.resume={tmp}/nope"), 2, ["train.resume", "no such folder"]),
-    "plan --plot into a missing folder": (
-        ("plan", "--steps=1", "--batch-size=8", "--plot={tmp}/no/such/dir/plan.png"),
+    "plan --plot under a file": (
+        ("plan", "--steps=1", "--batch-size=8", "--plot={tmp}/a-file/plots/plan.png"),
         2,
-        ["--plot", "does not exist"],
+        ["--plot", "a-file is a file"],
     ),
     "plan --plot onto a folder": (("plan", "--steps=1", "--batch-size=8", "--plot={tmp}"), 2, ["is a folder"]),
     "inconsistent launcher environment": ((*T,), 1, ["RANK", "WORLD_SIZE"]),
