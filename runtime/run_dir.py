@@ -202,7 +202,7 @@ def plan_resume(config: Config, world_size: int, *, restarted: bool = False, dry
             if reason:
                 raise RunDirError(f"train.resume={resume!r} cannot be loaded exactly: {reason}; {_restore_hint()}")
         return ResumePlan(resume)  # load_checkpoint checks the files and reports a bad folder
-    notes = []
+    notes, skipped = [], []
     for folder in reversed(_checkpoints(run_dir)):
         manifest = _read_manifest(folder)
         if manifest is not None:
@@ -218,9 +218,11 @@ def plan_resume(config: Config, world_size: int, *, restarted: bool = False, dry
         if reason is None:
             return ResumePlan(str(folder), tuple(notes))
         notes.append(f"checkpoint {folder} skipped: {reason}; trying the previous one")
+        skipped.append(f"{folder.name}: {reason}")
     if history is not None and not restarted and not t.overwrite:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
         raise RunDirError(
-            f"train.resume=auto: run folder {run_dir} holds {history} but no usable checkpoint to resume from; "
+            f"train.resume=auto: run folder {run_dir} holds {history} but no usable checkpoint to resume from{why}; "
             "pass --train.overwrite=true to start it again from step 0 (the old files are moved aside), or use "
             "--train.run_dir=NEW_FOLDER"
         )

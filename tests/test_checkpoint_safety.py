@@ -121,13 +121,15 @@ def test_resume_refuses_a_forged_checkpoint_without_running_it(tmp_path, rel):
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint, pristine = run_dir / "checkpoints" / "step_000002", tmp_path / "pristine"
     shutil.copytree(run_dir, pristine)
-    # the payload without a matching manifest: the checksum check skips the checkpoint, nothing is unpickled
+    # the payload without a matching manifest: the checksum check skips the checkpoint, nothing is
+    # unpickled; with no other checkpoint the resume refuses (the run folder keeps its history)
     _write_payload(checkpoint / rel, marker)
     skipped = _train(run_dir, "--train.steps=3", "--train.resume=auto")
     assert not marker.exists()
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    assert f"{rel} does not match its SHA-256 checksum" in skipped.stdout + skipped.stderr
-    assert "starting from step 0" in skipped.stdout + skipped.stderr
+    assert skipped.returncode == 2, skipped.stderr[-3000:]
+    lines = [line for line in skipped.stderr.splitlines() if line.startswith("seqmoe train:")]
+    assert len(lines) == 1 and "no usable checkpoint" in lines[0], lines
+    assert f"{rel} does not match its SHA-256 checksum" in lines[0], lines
     # the attacker also rewrote the manifest: the weights-only load refuses it
     run_dir2 = tmp_path / "run2"
     shutil.copytree(pristine, run_dir2)
