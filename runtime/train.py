@@ -50,6 +50,7 @@ __all__ = [
     "build_engine",
     "resolve_cost_model",
     "train",
+    "train_in_context",
 ]
 
 
@@ -200,6 +201,14 @@ def train(config: Config, *, report=print, on_step_start=None) -> dict:
     ctx = ParallelContext.initialize(
         backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
     )
+    try:
+        return train_in_context(ctx, config, report=report, on_step_start=on_step_start)
+    finally:
+        ctx.destroy()  # also on errors: a caller in the same process may start another job
+
+
+def train_in_context(ctx: ParallelContext, config: Config, *, report=print, on_step_start=None) -> dict:
+    """:func:`train` on ranks whose process group already exists (``ctx``); leaves it alive."""
     watch = StepWatchdog(ctx, config.parallel.timeout_s, on_begin=on_step_start)
     try:
         with RunFolder(ctx, config, report) as folder:  # preflight, the folder's lock, what to resume
@@ -209,8 +218,6 @@ def train(config: Config, *, report=print, on_step_start=None) -> dict:
         if hang is None:
             raise
         raise hang from exc
-    finally:
-        ctx.destroy()  # also on errors: a caller in the same process may start another job
 
 
 def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog, folder: RunFolder) -> dict:

@@ -44,10 +44,10 @@ def _train_then_reference_logits(ctx, run_dir: str, zero_stage: int, ep_size: in
     from runtime.config import load_config
     from runtime.data import encode
     from runtime.model import SPContext, build_model
-    from runtime.train import _train, build_engine
+    from runtime.train import build_engine, train_in_context
 
     config = load_config(TRAIN_ARGS[0], _overrides(Path(run_dir), zero_stage, ep_size))
-    row = _train(ctx, config, lambda *_: None)
+    row = train_in_context(ctx, config, report=lambda *_: None)
     torch.manual_seed(1234)
     model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world, seed=99)
     engine = build_engine(model, config)
