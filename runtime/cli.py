@@ -158,6 +158,9 @@ def _cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
     shutil.rmtree(errors, ignore_errors=True)
     if record is None:
         return code
+    if code == 0:  # a rank failed, torchrun restarted the job and it finished: say what happened
+        print(f"seqmoe launch: an elastic restart recovered from: {record['message']}", file=sys.stderr, flush=True)
+        return 0
     print(record["message"], file=sys.stderr, flush=True)
     return int(record["code"]) or code or 1
 

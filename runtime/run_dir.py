@@ -424,26 +424,15 @@ class RunFolder:
             self._lock.release()
 
     def save(self, engine, steps_done: int) -> Path:
-        """Checkpoint ``steps_done`` with this job's meta in the manifest. A full disk is an OSError
-        (ENOSPC) naming the folder; the earlier checkpoints stay intact (saves are atomic)."""
+        """Checkpoint ``steps_done`` with this job's meta in the manifest. Saves are atomic: a
+        failed write (a full disk) is a CheckpointError that names the checkpoint and the earlier
+        one that stays intact (runtime/checkpoint.py)."""
         from runtime.checkpoint import save_checkpoint
 
         root = self.config.resolved_run_dir / "checkpoints"
-        try:
-            return save_checkpoint(
-                engine, self.ctx, root, steps_done, keep=self.config.train.keep_checkpoints, meta=self.meta
-            )
-        except (OSError, RuntimeError) as exc:
-            # torch.save reports a failed write as a RuntimeError ("file write failed")
-            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            if isinstance(exc, RuntimeError) and not ("file write failed" in str(exc) or "No space" in str(exc)):
-                raise
-            tmp = root / f".tmp-step_{steps_done:06d}"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the last full checkpoint stays
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+        return save_checkpoint(
+            engine, self.ctx, root, steps_done, keep=self.config.train.keep_checkpoints, meta=self.meta
+        )
 
     def after_step(self, engine, step: int, *, saved: bool) -> None:
         """Every rank, after every step: on a signal, save (unless just saved) and raise Interrupted."""

@@ -240,7 +240,11 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog, fo
             report(line)
     engine = build_engine(model, config)
     run_dir = config.resolved_run_dir
-    resume = folder.checkpoint  # checked against this job by RunFolder (a restart resumes by itself)
+    # checked against this job by RunFolder (a restart resumes by itself); under resume=auto the
+    # loader takes the newest valid checkpoint again and falls back past one that fails as it is read
+    resume = folder.checkpoint
+    if resume and config.train.resume in ("", "auto"):
+        resume = "auto"
     start = load_checkpoint(engine, ctx, resume, run_dir / "checkpoints", report) if resume else 0
     out = RunOutputs(run_dir, start_step=start) if ctx.rank == 0 else None
     if out is not None:
