@@ -7,10 +7,19 @@ rank's time is recorded. The all-gather bandwidth of each group size is measured
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
 gives the formulas). What remains, t_measured(s, d) - comm(s, d), is fitted by least squares to
-    beta + (alpha1 s^2 + alpha2 s) / d
-with non-negative coefficients; the report gives every point's relative error. Memory: the
-activations saved for backward are counted per token with autograd's saved-tensor hooks, model
-states follow from the parameter count and the ZeRO stage.
+    beta + (q(d) alpha1 s^2 + alpha2 s) / d,   q(1) = 1, q(d > 1) = quad_sp_factor
+with non-negative coefficients (the quadratic term has one column for d = 1 and one for d > 1,
+so the fit stays linear; their ratio is quad_sp_factor: a document spread over d ranks costs
+its last rank more than 1/d of its softmax work, see planner/cost.py). The report gives every
+point's relative error.
+
+The per-step term step_ms: every rank runs one sequence of the shortest length through a
+DeepSpeed engine (runtime.train.build_engine) twice, once as an inner micro-batch (no gradient
+reduction) and once as the step's last one followed by the optimizer step and the balance
+reset; the slowest rank's median difference is what a step pays whatever its plan.
+
+Memory: the activations saved for backward are counted per token with autograd's saved-tensor
+hooks, model states follow from the parameter count and the ZeRO stage.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
 from runtime.model import build_model, layer_kinds
 
-__all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "profile_cost_model"]
+__all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "fit_sp_coefficients", "profile_cost_model"]
 
 
 @dataclass
@@ -84,20 +93,41 @@ def comm_volumes(config: Config, elem_bytes: int) -> tuple[str, float, float]:
     return "alltoall", float(per_token), float(per_group)
 
 
-def fit_coefficients(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """(alpha1, alpha2, beta) >= 0 minimising the squared relative error of
-    beta + (alpha1 s^2 + alpha2 s)/d to the compute times ``(degree, length, ms)``."""
-    rows = np.array([[1.0, s * s / d, s / d] for d, s, _ in points])
-    target = np.array([ms for _, _, ms in points])
+def _relative_nnls(rows: np.ndarray, target: np.ndarray) -> list[float]:
+    """Coefficients >= 0 minimising the squared relative error of rows @ coef to target."""
     weights = 1.0 / np.maximum(target, 1e-9)  # relative error: long and short runs count alike
-    active = [0, 1, 2]
+    active = list(range(rows.shape[1]))
     while True:
         coef, *_ = np.linalg.lstsq(rows[:, active] * weights[:, None], target * weights, rcond=None)
         if (coef >= 0).all() or len(active) == 1:
             break
         active.pop(int(np.argmin(coef)))  # drop the most negative term and refit (a small NNLS)
     full = dict(zip(active, np.maximum(coef, 0.0)))
-    return float(full.get(1, 0.0)), float(full.get(2, 0.0)), float(full.get(0, 0.0))
+    return [float(full.get(i, 0.0)) for i in range(rows.shape[1])]
+
+
+def fit_coefficients(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """(alpha1, alpha2, beta) >= 0 minimising the squared relative error of
+    beta + (alpha1 s^2 + alpha2 s)/d to the compute times ``(degree, length, ms)``."""
+    rows = np.array([[1.0, s * s / d, s / d] for d, s, _ in points])
+    beta, alpha1, alpha2 = _relative_nnls(rows, np.array([ms for _, _, ms in points]))
+    return alpha1, alpha2, beta
+
+
+def fit_sp_coefficients(points: list[tuple[int, int, float]]) -> tuple[float, float, float, float]:
+    """(alpha1, alpha2, beta, quad_sp_factor) fitted to beta + (q(d) alpha1 s^2 + alpha2 s)/d.
+
+    The quadratic term gets a column for d = 1 (alpha1) and one for d > 1 (q·alpha1). Without
+    points on both sides, or when either column fits to 0, q is not measurable and is 1 (the
+    fit of :func:`fit_coefficients`)."""
+    single = [d == 1 for d, _, _ in points]
+    if all(single) or not any(single):
+        return (*fit_coefficients(points), 1.0)
+    rows = np.array([[1.0, s * s / d * (d == 1), s * s / d * (d > 1), s / d] for d, s, _ in points])
+    beta, alpha1, alpha1_sp, alpha2 = _relative_nnls(rows, np.array([ms for _, _, ms in points]))
+    if alpha1 <= 0 or alpha1_sp <= 0:
+        return (*fit_coefficients(points), 1.0)
+    return alpha1, alpha2, beta, alpha1_sp / alpha1
 
 
 def _degrees(world_size: int) -> list[int]:
@@ -158,6 +188,52 @@ def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> flo
     return (degree - 1) * nbytes / statistics.median(times[1:]) / 1e9
 
 
+def _step_overhead_ms(ctx, config: Config, length: int, repeats: int) -> float:
+    """Slowest rank's median extra ms of a step's last micro-batch (gradient reduction,
+    optimizer step, balance reset) over an inner one, every rank running one ``length``-token
+    sequence through a DeepSpeed engine, as training does (runtime.train)."""
+    from planner.plan import Group, MicroBatch, StepPlan
+    from runtime.step import run_plan
+    from runtime.train import build_engine, optimizer_step
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world, seed=config.train.seed)
+    engine = build_engine(model.to(ctx.device), config)
+    W = ctx.world_size
+    plan = StepPlan(
+        microbatches=[MicroBatch([Group((r,), [r]) for r in range(W)])],
+        num_ranks=W,
+        predicted_time_s=0.0,
+        solver="static",
+        solve_time_s=0.0,
+    )
+    g = torch.Generator().manual_seed(length)
+    sequences = [torch.randint(0, model.config.vocab_size, (length,), generator=g) for _ in range(W)]
+
+    def micro_batch(last: bool) -> float:
+        def backward(loss: torch.Tensor, _: bool) -> None:
+            engine.set_gradient_accumulation_boundary(last)
+            engine.backward(loss * W, scale_wrt_gas=False)
+
+        if W > 1:
+            dist.barrier(group=ctx.world)
+        start = time.perf_counter()
+        run_plan(model, ctx, plan, sequences, [0] * W, forward=engine, backward=backward)
+        if last:
+            optimizer_step(engine, ctx, config.train.zero_stage, config.moe.ep_size)
+            model.end_step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return _slowest(ctx, time.perf_counter() - start)
+
+    samples = []
+    for rep in range(repeats + 1):
+        inner, last = micro_batch(False), micro_batch(True)
+        if rep:  # the first step builds the optimizer state
+            samples.append((last - inner) * 1e3)
+    return max(0.0, statistics.median(samples))
+
+
 def _activation_mb_per_token(model, length: int, device) -> float:
     """MB of tensors autograd saves for backward, per token, on one rank (degree 1)."""
     saved = 0
@@ -202,8 +278,9 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     act = _activation_mb_per_token(model, min(lengths), ctx.device)
     budget = _memory_budget_gb(ctx, world_size)
     num_params = sum(p.numel() for p in model.parameters())
+    step_ms = _step_overhead_ms(ctx, config, min(lengths), repeats)
     if rank == 0:
-        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device)))
+        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device), step_ms))
     ctx.destroy()
 
 
@@ -225,7 +302,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
             p.join()
         if any(p.exitcode for p in procs):
             raise RuntimeError(f"a profiling rank failed (exit codes {[p.exitcode for p in procs]}); see its output")
-        rows, bandwidth, act, budget, num_params, device = queue.get()
+        rows, bandwidth, act, budget, num_params, device, step_ms = queue.get()
     elem_bytes = 2 if device.startswith("cuda") else 4
     seq_comm, per_token, per_group = comm_volumes(config, elem_bytes)
     probe = CostModel(
@@ -240,11 +317,13 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         bandwidth_gbps=bandwidth,
     )
     compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
-    alpha1, alpha2, beta = fit_coefficients(compute)
+    alpha1, alpha2, beta, quad_sp_factor = fit_sp_coefficients(compute)
     cost = CostModel(
         quad_ms=alpha1,
         lin_ms=alpha2,
         beta_ms=beta,
+        quad_sp_factor=quad_sp_factor,
+        step_ms=step_ms,
         act_mb_per_token=act,
         memory_budget_gb=budget,
         model_state_gb=zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size),
@@ -254,7 +333,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         bandwidth_gbps=bandwidth,
         name=f"{config.name}-profiled",
         notes=f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
-        f"{num_params} parameters",
+        f"{num_params} parameters; step_ms from {min(lengths)}-token steps through the DeepSpeed engine",
     )
     points = []
     for d, s, ms in rows:
