@@ -12,6 +12,9 @@ collectives grow by exactly 2 per attention layer and micro-batch: one forward (
 all-gather, LASP-2H's K/V all-gather) and one backward (the dM all-gather, the dK/dV
 reduce-scatter). The per-micro-batch agreement check is one more collective, independent of depth.
 
+Reads are checked for every (linear, softmax) method pair the model offers: LASP-2 + LASP-2H,
+the LASP-1 ring + Ulysses, Ulysses + LASP-2H.
+
 Not covered here: the MoE layer's uneven all-to-all reads its split sizes from the device once
 per layer (moe/experts.py; invariant 8 allows it), so an MoE model's reads grow by that per
 layer; this test runs the dense model.
@@ -55,7 +58,7 @@ def count_host_reads():
             setattr(torch.Tensor, name, original)
 
 
-def _model_and_plan(ctx, num_layers: int):
+def _model_and_plan(ctx, num_layers: int, linear_sp: str, softmax_sp: str):
     from planner.plan import Group, MicroBatch, StepPlan
     from runtime.config import ModelConfig, ParallelConfig
     from runtime.model import build_model
@@ -71,7 +74,7 @@ def _model_and_plan(ctx, num_layers: int):
         ffn="dense",
         linear_decay="per_token",
     )
-    model = build_model(config, ParallelConfig(linear_sp="lasp2", softmax_sp="allgather"))
+    model = build_model(config, ParallelConfig(linear_sp=linear_sp, softmax_sp=softmax_sp))
     g = torch.Generator().manual_seed(1)
     lengths = [9, 14, 5, 11]
     sequences = [torch.randint(0, 256, (n,), generator=g) for n in lengths]
@@ -93,8 +96,8 @@ def training_step(model, ctx, plan, sequences):
     return run_plan(model, ctx, plan, sequences, [0] * len(sequences), backward=backward)
 
 
-def _count_step(ctx, num_layers: int):
-    model, plan, sequences = _model_and_plan(ctx, num_layers)
+def _count_step(ctx, num_layers: int, linear_sp: str = "lasp2", softmax_sp: str = "allgather"):
+    model, plan, sequences = _model_and_plan(ctx, num_layers, linear_sp, softmax_sp)
     training_step(model, ctx, plan, sequences)  # warm-up: lazy initialisation is not per step
     model.zero_grad()
     with comm.CommMeter() as meter, count_host_reads() as reads:
@@ -106,11 +109,24 @@ def _attention_layers(num_layers: int) -> int:
     return num_layers  # every layer of "LLLS" has an attention (L or S) mixer
 
 
+# (linear, softmax) SP methods; the first is the default and the one whose collectives are counted
+METHODS = [("lasp2", "allgather"), ("lasp1", "ulysses"), ("ulysses", "allgather")]
+
+
 @pytest.fixture(scope="module")
-def counts():
-    return {n: run_on_ranks(2, _count_step, n) for n in (4, 8)}
+def all_counts():
+    return {}
 
 
+@pytest.fixture
+def counts(request, all_counts):
+    methods = getattr(request, "param", METHODS[0])
+    if methods not in all_counts:
+        all_counts[methods] = {n: run_on_ranks(2, _count_step, n, *methods) for n in (4, 8)}
+    return all_counts[methods]
+
+
+@pytest.mark.parametrize("counts", METHODS, indirect=True, ids=["-".join(m) for m in METHODS])
 def test_host_reads_do_not_grow_with_attention_layers(counts):
     for rank in range(2):
         shallow, _, _ = counts[4][rank]
@@ -121,6 +137,7 @@ def test_host_reads_do_not_grow_with_attention_layers(counts):
 
 
 def test_collectives_grow_by_one_forward_one_backward_per_attention_layer(counts):
+    """LASP-2 and LASP-2H (the defaults); Ulysses moves q, k, v and o by four all-to-alls each way."""
     for rank in range(2):
         _, shallow, microbatches = counts[4][rank]
         _, deep, _ = counts[8][rank]

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel import comm
 from parallel.sp_context import SPContext
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
 from runtime.model import build_model, layer_kinds
@@ -86,13 +85,6 @@ def test_sharded_model_equals_single_device(W, decay, linear_sp, softmax_sp, ffn
         summed = sum(res[1][name] for res in results)
         err = ((summed - ref).norm() / ref.norm().clamp_min(1e-12)).item()
         assert err <= FP32_TOL, f"{name}: {err:.2e}"
-
-
-def test_positions_restart_in_every_document():
-    # rank 1 of 2 with 5 tokens each holds global tokens 5..9: doc [3,7) then doc [7,10)
-    sp = SPContext.build(comm.SOLO, local_len=5, bounds=[0, 3, 7, 10], rank=1, num_ranks=2)
-    assert sp.positions_T.tolist() == [2, 3, 0, 1, 2]
-    assert SPContext.single(3).positions_T.tolist() == [0, 1, 2]
 
 
 def test_layer_pattern_repeats_to_num_layers():
