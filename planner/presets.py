@@ -24,7 +24,9 @@ CPU_MEMORY_SHARE = 0.5
 # began on an earlier rank is computed in full under a mask at c_br ≈ 38–50 ns per entry and head,
 # against c_sq ≈ 23–28 ns for a document inside one rank (fp32, head_dim 64, fwd + bwd, measured
 # by the kernels benchmark on a 2-core CPU), so the last rank of an SP group does c_br/c_sq ≈ 1.6–1.8
-# times quad_ms·s²/d (planner/cost.py, q(d)). `seqmoe profile` measures it for a given machine.
+# times quad_ms·s²/d (planner/cost.py, q(d)). `seqmoe profile` measures it for a given model and
+# machine (runtime.profile.measure_quad_sp_factor; the tiny-cpu model, head_dim 32: ≈ 2.2 at 2048
+# tokens, d = 2 and 4, on the same loaded 2-core machine).
 CPU_QUAD_SP_FACTOR = 1.7
 
 
