@@ -5,7 +5,7 @@
 
 W spawned gloo ranks (default 4) train the hybrid LASP-2 + MoE model of configs/tiny-cpu.toml
 with real training steps: forward + backward of every micro-batch of the step's plan
-(runtime/step.py ``run_plan``) and the DeepSpeed engine's optimizer step (runtime/train.py
+(runtime/step.py ``train_step``) and the DeepSpeed engine's optimizer step (runtime/train.py
 ``build_engine``), on long-tailed global batches from the embedded corpus. Every policy trains
 its own copy of the model (same initial weights, own engine), and the policies take turns step
 by step on the same batches, in an order that rotates each step, so they share the machine's
@@ -189,22 +189,18 @@ def _quiet_deepspeed() -> None:
 
 
 def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch) -> dict:
-    from runtime.train import all_sum, forward_backward, optimizer_step
+    from runtime.step import train_step
 
     W = ctx.world_size
     dist.barrier(group=ctx.world)
     with comm.CommMeter() as meter:
         start, cpu = time.perf_counter(), time.process_time()
-        result = forward_backward(model, engine, ctx, plan, batch)
-        fwd_bwd = time.perf_counter() - start
-        grad_norm = optimizer_step(engine, ctx, config.train.zero_stage, config.moe.ep_size)
-        model.end_step()
+        result = train_step(model, engine, ctx, plan, batch)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     sent = meter.total_bytes_sent
     times = torch.zeros(W, 4, dtype=torch.float64)
-    times[ctx.rank] = torch.tensor([wall, fwd_bwd, cpu, float(sent)], dtype=torch.float64)
+    times[ctx.rank] = torch.tensor([wall, result.forward_backward_s, cpu, float(sent)], dtype=torch.float64)
     dist.all_reduce(times, group=ctx.world)
-    loss_sum, tokens = all_sum(ctx, [result.loss_sum, result.tokens])
     return {
         "step_s": float(times[:, 0].max()),
         "fwd_bwd_s": float(times[:, 1].max()),
@@ -212,9 +208,9 @@ def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch) -> 
         "fwd_bwd_s_by_rank": times[:, 1].tolist(),
         "comm_bytes_sent_max_rank": int(times[:, 3].max()),
         "comm_by_kind": meter.summary(),  # this rank's (rank 0's in the JSON rows)
-        "loss": loss_sum / sum(len(s) - 1 for s in batch.sequences),
-        "grad_norm": grad_norm,
-        "tokens": int(tokens),
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "tokens": result.tokens,
     }
 
 

@@ -272,12 +272,13 @@ def _build(shape: HybridShape, device, dtype, checkpointing: bool):
 
 
 def _train_step(model, optimizer, tokens, batch):
-    logits = model(tokens[:, :-1], batch)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[0, 1:]) + model.aux_loss()
+    if model.tracker is not None:
+        model.tracker.begin_step()  # the balance GA buffer belongs to the step
+    logits, balance = model(tokens[:, :-1], batch)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[0, 1:]) + balance.value()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.end_step()
     return loss.detach()
 
 

@@ -58,10 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, spawn_ranks, write_json  # noqa: E402
 from moe.metrics import max_violation  # noqa: E402
 from parallel import comm  # noqa: E402
+from parallel.context import ParallelContext  # noqa: E402
 from parallel.sp_context import SPContext  # noqa: E402
+from planner.plan import Group, MicroBatch, StepPlan  # noqa: E402
 from runtime.config import DataConfig, ModelConfig, MoEConfig, ParallelConfig  # noqa: E402
 from runtime.data import build_dataset  # noqa: E402
 from runtime.model import build_model  # noqa: E402
+from runtime.step import LocalEngine, run_plan, train_step  # noqa: E402
 
 VARIANTS = {
     "micro": {"balance": "micro", "router": "linear", "chain_iterations": 1},
@@ -120,9 +123,17 @@ def microbatch_loss(model, sequences, *, num_tokens: int, num_targets: int, doma
     """This micro-batch's share of the step loss: CE summed / the global batch's targets + aux share."""
     tokens, targets, cu_seqlens = pack(sequences)
     sp = SPContext.single(tokens.shape[1], cu_seqlens.tolist(), device=tokens.device)
-    logits = model(tokens, sp, token_normalizer=num_tokens, domains_T=domains_T)
+    logits, balance = model(tokens, sp, domains_T=domains_T)
     ce = F.cross_entropy(logits[0], targets, ignore_index=IGNORE, reduction="sum") / num_targets
-    return ce + model.aux_loss()  # under no_grad (evaluation) the tracker only observes: aux is 0
+    return ce + balance.share(tokens=num_tokens)  # under no_grad (evaluation) the tracker only observes: 0
+
+
+def microbatch_plan(groups: list[list[list[int]]], num_ranks: int) -> StepPlan:
+    """A plan whose micro-batch j gives rank r the sequences ``groups[j][r]`` (SP degree 1)."""
+    microbatches = [MicroBatch([Group((r,), list(ids)) for r, ids in enumerate(micro)]) for micro in groups]
+    return StepPlan(
+        microbatches=microbatches, num_ranks=num_ranks, predicted_time_s=0.0, solver="bench", solve_time_s=0.0
+    )
 
 
 # -------------------------------------------------------------------------------------------
@@ -145,23 +156,16 @@ def train_run(setup: dict, variant: str, seed: int, save_to: str | None) -> dict
     model_cfg, moe_cfg = configs(setup, variant)
     model = build_model(model_cfg, ParallelConfig(device="cpu"), moe_cfg, seed=seed, domain_names=data.domain_names)
     optimizer = torch.optim.AdamW(model.parameters(), lr=setup["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    engine, ctx = LocalEngine(model, optimizer, grad_clip=1.0), ParallelContext.single()
     losses, train_vio = [], []
     for step in range(setup["steps"]):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, setup)
         batch = data.train_batch(step, seed, setup["batch_seqs"])
-        norms = {"num_tokens": batch.num_tokens, "num_targets": batch.num_tokens - len(batch.sequences)}
-        total = 0.0
-        for sequences in chunks(batch.sequences, setup["micro_seqs"]):
-            loss = microbatch_loss(model, sequences, **norms)
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.end_step()
-        losses.append(total)
-        train_vio.append(model.routing_metrics.summary()["max_vio"])  # this step's global batch
+        plan = microbatch_plan([[ids] for ids in chunks(list(range(len(batch.sequences))), setup["micro_seqs"])], 1)
+        result = train_step(model, engine, ctx, plan, batch)
+        losses.append(result.loss + result.aux_loss)
+        train_vio.append(result.moe["max_vio"])  # this step's global batch
     result = {"variant": variant, "seed": seed, "train_loss": losses, "train_max_vio": train_vio}
     result.update(evaluate(model, data, setup, k=moe_cfg.top_k // moe_cfg.chain_iterations))
     result["wall_s"] = time.perf_counter() - start
@@ -321,13 +325,13 @@ def load_sharded(model, full_state: dict) -> None:
     model.load_state_dict(state)
 
 
-def _one_step(ctx, model, rank_sequences: list[list[torch.Tensor]], norms: dict) -> tuple[float, float, dict]:
+def _one_step(ctx, model, plan: StepPlan, batch) -> tuple[float, float, dict]:
+    """Forward + backward of every micro-batch (runtime/step.py ``run_plan``), no optimizer."""
     dist.barrier(group=ctx.world)
     with comm.CommMeter() as meter:
         wall, cpu = time.perf_counter(), time.process_time()
-        for sequences in rank_sequences:
-            microbatch_loss(model, sequences, **norms).backward()
-        model.end_step()
+        model.tracker.begin_step()
+        run_plan(model, ctx, plan, batch.sequences, batch.domains, backward=lambda loss, last: loss.backward())
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     model.zero_grad(set_to_none=True)
     model.routing_metrics.reset()
@@ -336,12 +340,11 @@ def _one_step(ctx, model, rank_sequences: list[list[torch.Tensor]], norms: dict)
 
 def _time_variants(ctx, models: dict, batches: list, shares: list[int], ga: int, repeats: int) -> dict:
     W, rank = ctx.world_size, ctx.rank
-    first = sum(shares[:rank])
-    steps = []
-    for batch in batches:
-        mine = batch.sequences[first : first + shares[rank]]
-        norms = {"num_tokens": batch.num_tokens, "num_targets": batch.num_tokens - len(batch.sequences)}
-        steps.append((split_even(mine, ga), norms))  # every rank runs the same number of micro-batches
+    firsts = [sum(shares[:r]) for r in range(W)]
+    # every rank runs the same number of micro-batches, each on its own uneven share
+    per_rank = [split_even(list(range(first, first + n)), ga) for first, n in zip(firsts, shares)]
+    plan = microbatch_plan([[per_rank[r][j] for r in range(W)] for j in range(ga)], W)
+    steps = [(plan, batch) for batch in batches]
     samples = {name: {"wall_s": [], "cpu_s": []} for name in models}
     volume = {}
     for model in models.values():  # warm-up (gloo connections, allocator)
@@ -365,7 +368,6 @@ def _overhead_worker(rank: int, world: int, store: str, job: dict, queue) -> Non
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # W ranks share the machine's cores
     from moe.layer import expert_parallel_group
-    from parallel.context import ParallelContext
 
     ctx = ParallelContext.initialize(backend="gloo", device="cpu", init_method=f"file://{store}")
     setup, rows = job["setup"], []

@@ -1,9 +1,10 @@
 """Local multi-process launch with torchrun (``python -m torch.distributed.run``).
 
-The rendezvous is c10d on ``localhost:0``: torchrun binds a free port itself, so two jobs on
-one machine never collide and nothing needs a fixed port. ``launch.max_restarts`` maps to
-``--max-restarts``: when a worker fails, torchrun restarts all of them and the trainer resumes
-from its last checkpoint.
+The rendezvous is c10d on ``127.0.0.1:0`` (loopback only: a single-node job listens on no
+network interface; ``--local-addr`` makes the workers' MASTER_ADDR loopback too). torchrun binds
+a free port itself, so two jobs on one machine never collide and nothing needs a fixed port.
+``launch.max_restarts`` maps to ``--max-restarts``: when a worker fails, torchrun restarts all
+of them and the trainer resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def torchrun_command(settings: LaunchConfig, program: Sequence[str], *, python: 
         "--nnodes=1",
         f"--max-restarts={settings.max_restarts}",
         "--rdzv-backend=c10d",
-        "--rdzv-endpoint=localhost:0",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",  # one node: the workers' MASTER_ADDR is loopback, not the host name
         *program,
     ]

@@ -26,7 +26,12 @@ The three variants differ only in the set of tokens f is counted over:
 
 Gradient accumulation follows the paper's Algorithm 1: a per-site buffer of synchronised counts
 grows over the micro-batches of one optimizer step (micro-batch m sees the counts of micro-batches
-1..m) and is reset by ``end_step()``.
+1..m) and is reset by ``end_step()`` (the runtime's ``train_step`` does it as each step begins).
+
+Device discipline (DESIGN.md invariant 7): every count, buffer and loss lives on the routing
+tensors' device, counts are made with ``index_add_`` (CUDA's ``bincount`` reads its maximum
+back to the host), padding is a 0/1 weight instead of a boolean index (no ``nonzero`` sync),
+and nothing here reads a value back to the host.
 
 Shapes: T tokens, E experts, K experts per token, S sequences (or sites, in the tracker).
 """
@@ -44,6 +49,7 @@ from parallel.comm import Group, dist_all_reduce, group_size
 
 __all__ = [
     "BALANCE_MODES",
+    "BalanceLoss",
     "BalanceTracker",
     "SequenceLayout",
     "expert_counts",
@@ -57,10 +63,15 @@ __all__ = [
 BALANCE_MODES = ("micro", "sequence", "global")
 
 
-def expert_counts(experts_TK: Tensor, num_experts: int) -> Tensor:
-    """[E] float64 number of (token, choice) pairs per expert. float64 so that sums over a whole
-    global batch (millions of tokens) stay exact integers."""
-    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts).to(torch.float64)
+def expert_counts(experts_TK: Tensor, num_experts: int, weight_T: Tensor | None = None) -> Tensor:
+    """[E] float64 number of (token, choice) pairs per expert (tokens of weight 0 left out).
+    float64 so that sums over a whole global batch (millions of tokens) stay exact integers."""
+    flat = experts_TK.reshape(-1)
+    if weight_T is None:
+        ones = torch.ones(flat.shape, dtype=torch.float64, device=flat.device)
+    else:
+        ones = weight_T.to(torch.float64).repeat_interleave(experts_TK.shape[1])
+    return torch.zeros(num_experts, dtype=torch.float64, device=flat.device).index_add_(0, flat, ones)
 
 
 def _lbl(counts_E: Tensor, tokens: Tensor, k: int, psum_E: Tensor, normalizer: Tensor) -> Tensor:
@@ -80,7 +91,8 @@ def load_balancing_loss(
     and gradient. A rank with no tokens still joins the all-reduce and returns a zero share."""
     if probs_TE.shape[-1] != num_experts:
         raise ValueError(f"load_balancing_loss: probs have {probs_TE.shape[-1]} experts, num_experts={num_experts}")
-    stats = torch.cat([expert_counts(topk_indices_TK, num_experts), probs_TE.new_tensor([probs_TE.shape[0]]).double()])
+    tokens = torch.full((1,), probs_TE.shape[0], dtype=torch.float64, device=probs_TE.device)
+    stats = torch.cat([expert_counts(topk_indices_TK, num_experts), tokens])
     if group is not None:
         dist_all_reduce(stats, group=group)
     counts_E, tokens = stats[:num_experts], stats[num_experts]
@@ -95,24 +107,37 @@ def sequence_ids(cu_seqlens: Tensor | None, offset: int, num_tokens: int, device
     return (torch.bucketize(positions, cu_seqlens[1:], right=True)).to(device or cu_seqlens.device)
 
 
-def _sequence_stats(experts_TK: Tensor, seq_T: Tensor, num_sequences: int, num_experts: int) -> Tensor:
-    """[S, E+1] float64: per sequence, the expert counts and the token count."""
+def _sequence_stats(
+    experts_TK: Tensor, seq_T: Tensor, num_sequences: int, num_experts: int, weight_T: Tensor | None = None
+) -> Tensor:
+    """[S, E+1] float64: per sequence, the expert counts and the token count (weight-0 tokens left out)."""
     flat = (seq_T[:, None] * (num_experts + 1) + experts_TK).reshape(-1)
+    w_T = torch.ones(seq_T.shape, dtype=torch.float64, device=seq_T.device) if weight_T is None else weight_T.double()
     stats = torch.zeros(num_sequences * (num_experts + 1), dtype=torch.float64, device=experts_TK.device)
-    stats.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
-    stats.index_add_(0, seq_T * (num_experts + 1) + num_experts, torch.full_like(seq_T, 1, dtype=torch.float64))
+    stats.index_add_(0, flat, w_T.repeat_interleave(experts_TK.shape[1]))
+    stats.index_add_(0, seq_T * (num_experts + 1) + num_experts, w_T)
     return stats.view(num_sequences, num_experts + 1)
 
 
-def _sequence_lbl(stats_SE1: Tensor, psum_SE: Tensor, k: int, normalizer: Tensor | None) -> Tensor:
+def _sequence_lbl_sum(stats_SE1: Tensor, psum_SE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(Σ over sequences of each sequence's LBL, the number of non-empty sequences)."""
     counts_SE, tokens_S = stats_SE1[:, :-1], stats_SE1[:, -1]
     f_SE = counts_SE / (tokens_S.clamp(min=1)[:, None] * k)
     per_seq_S = (
         psum_SE.shape[1] * (f_SE.to(psum_SE.dtype) * psum_SE).sum(dim=1) / tokens_S.clamp(min=1).to(psum_SE.dtype)
     )
-    if normalizer is None:
-        normalizer = (tokens_S > 0).sum()
-    return per_seq_S.sum() / normalizer.clamp(min=1).to(psum_SE.dtype)
+    return per_seq_S.sum(), (tokens_S > 0).sum().to(torch.float64)
+
+
+def _divide(total: Tensor, normalizer: Tensor | float) -> Tensor:
+    if isinstance(normalizer, Tensor):
+        return total / normalizer.clamp(min=1).to(total.dtype)
+    return total / max(float(normalizer), 1.0)
+
+
+def _sequence_lbl(stats_SE1: Tensor, psum_SE: Tensor, k: int, normalizer: Tensor | float | None) -> Tensor:
+    total, nonempty = _sequence_lbl_sum(stats_SE1, psum_SE, k)
+    return _divide(total, nonempty if normalizer is None else normalizer)
 
 
 def sequence_load_balancing_loss(
@@ -135,8 +160,7 @@ def sequence_load_balancing_loss(
     if group is not None:
         dist_all_reduce(stats, group=group)
     psum_SE = probs_TE.new_zeros(num_sequences, num_experts).index_add(0, seq_ids_T, probs_TE)
-    norm = None if normalizer is None else torch.tensor(float(normalizer), dtype=torch.float64)
-    return _sequence_lbl(stats, psum_SE, topk_indices_TK.shape[1], norm)
+    return _sequence_lbl(stats, psum_SE, topk_indices_TK.shape[1], normalizer)
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
@@ -155,8 +179,41 @@ class SequenceLayout:
     group: Group | None = None
     """The SP group whose ranks hold shards of these same sequences (None: whole sequences)."""
     normalizer: float | None = None
-    """Divide the summed per-sequence losses by this (the global batch's sequence count in the
-    runtime; default: this micro-batch's non-empty sequences)."""
+    """Divide the summed per-sequence losses by this (default: this micro-batch's non-empty
+    sequences). The runtime leaves it unset and passes the global batch's sequence count to
+    ``BalanceLoss.share`` instead."""
+
+
+@dataclass(frozen=True)
+class BalanceLoss:
+    """The balance (+ z) loss of one forward, as a value: sums that wait for their normalisers.
+
+    ``value()`` divides by this micro-batch's own counts (a standalone layer). The runtime calls
+    ``share(tokens=, sequences=)`` with the global batch's token and sequence counts, which makes
+    the shares of all ranks and micro-batches sum to the loss of the global batch, whatever the
+    plan (invariant 2). All four tensors live on the routing device."""
+
+    per_token: Tensor
+    """coef · Σ_sites LBL numerators (global, micro) + z_loss_coef · Σ_sites Σ_tokens lse²."""
+    per_sequence: Tensor
+    """coef · Σ_sites Σ_sequences LBL of each sequence (balance = 'sequence')."""
+    tokens: Tensor
+    """Default token normaliser: the micro-batch's tokens (over the balance group for 'global')."""
+    sequences: Tensor
+    """Default sequence normaliser: the micro-batch's non-empty sequences."""
+
+    @staticmethod
+    def zero(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> BalanceLoss:
+        z = torch.zeros((), dtype=dtype, device=device)
+        return BalanceLoss(z, z, z.double(), z.double())
+
+    def share(self, *, tokens: float | Tensor | None = None, sequences: float | Tensor | None = None) -> Tensor:
+        tokens = self.tokens if tokens is None else tokens
+        sequences = self.sequences if sequences is None else sequences
+        return _divide(self.per_token, tokens) + _divide(self.per_sequence, sequences)
+
+    def value(self) -> Tensor:
+        return self.share()
 
 
 @dataclass
@@ -165,6 +222,10 @@ class _SiteRecord:
     psum_E: Tensor
     lse2_sum: Tensor
     probs_TE: Tensor
+    weight_T: Tensor | None
+    """0 on padding tokens (None: no padding)."""
+    tokens: Tensor
+    """float64 scalar: the real tokens of this site."""
 
 
 def inside_backward() -> bool:
@@ -176,20 +237,22 @@ class BalanceTracker:
     """Collects every MoE routing decision ("site": a layer, or one Chain-of-Experts iteration
     of a layer) of a forward pass and turns them into one balance loss.
 
-    Per micro-batch: ``begin_microbatch()``, forward (each site calls ``record``), ``loss()``.
-    After the optimizer step: ``end_step()``.
+    Per micro-batch: ``begin_microbatch()``, forward (each site calls ``record``), ``result()``
+    (a ``BalanceLoss``) or ``loss()`` (its tensor). After the optimizer step: ``end_step()``.
 
     - ``global``: the counts of all sites travel in **one** flattened all-reduce of
       sites×(E+1) float64 numbers, launched asynchronously as soon as the last site has routed,
-      so it overlaps the last layer's expert compute and the LM head; ``loss()`` waits for it.
+      so it overlaps the last layer's expert compute and the LM head; ``result()`` waits for it.
     - Activation recompute re-runs routing inside the backward pass; a site that is recorded
       again there is ignored, so counts, buffers and collectives are not doubled.
     - Under ``torch.no_grad()`` (evaluation) only metrics are observed: no loss statistics,
       no collective, no change to the GA buffer.
+    - The GA buffer follows the routing tensors' device (it starts on the CPU and moves on the
+      first record), so the tracker works unchanged on CPU, CUDA and ``meta``.
 
-    ``token_normalizer`` (the runtime passes the global batch's token count) turns the per-rank
-    losses into per-token shares that sum exactly over ranks and micro-batches; without it, each
-    micro-batch is normalised by its own tokens (its local tokens for ``micro``).
+    ``token_normalizer`` (for ``loss()``) turns the per-rank losses into per-token shares that
+    sum exactly over ranks and micro-batches; without it, each micro-batch is normalised by its
+    own tokens (its local tokens for ``micro``).
     """
 
     def __init__(
@@ -217,11 +280,21 @@ class BalanceTracker:
         self.buffer_tokens_S = torch.zeros(num_sites, dtype=torch.float64)
         self._sites: dict[int, _SiteRecord] = {}
         self._sync = None
-        self._loss: Tensor | None = None
+        self._result: BalanceLoss | None = None
         self.token_normalizer: float | None = None
         self.sequence: SequenceLayout | None = None
         self.domains_T: Tensor | None = None
-        self.valid_T: Tensor | None = None
+        self.weight_T: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer_counts_SE.device
+
+    def to(self, device: torch.device | str) -> BalanceTracker:
+        """Move the GA buffer (done by ``record`` for the routing's device)."""
+        self.buffer_counts_SE = self.buffer_counts_SE.to(device)
+        self.buffer_tokens_S = self.buffer_tokens_S.to(device)
+        return self
 
     # ----------------------------------------------------------------------------------------
     def begin_microbatch(
@@ -234,34 +307,32 @@ class BalanceTracker:
     ) -> None:
         """Start a micro-batch. ``domains_T`` (int labels per local token) feeds the per-domain
         expert-selection metric; ``sequence`` is required for balance='sequence'; ``valid_T``
-        (False on padding tokens) leaves padding out of every count, loss and metric."""
+        (False on padding tokens; pass None when there is none) leaves padding out of every
+        count, loss and metric, as a 0/1 weight."""
         if self._sync is not None and self._sync[1] is not None:
             self._sync[1].wait()  # a forward whose loss was never taken: finish its collective
-        self._sites, self._sync, self._loss = {}, None, None
+        self._sites, self._sync, self._result = {}, None, None
         self.token_normalizer, self.sequence, self.domains_T = token_normalizer, sequence, domains_T
-        self.valid_T = None if valid_T is None or bool(valid_T.all()) else valid_T
-        if self.valid_T is not None:
-            if self.domains_T is not None:
-                self.domains_T = self.domains_T[self.valid_T]
-            if sequence is not None:
-                self.sequence = SequenceLayout(
-                    sequence.seq_ids_T[self.valid_T], sequence.num_sequences, sequence.group, sequence.normalizer
-                )
+        self.weight_T = None if valid_T is None else valid_T.to(torch.float64)
 
     def record(self, site: int, routing: Routing) -> None:
         if not 0 <= site < self.num_sites:
             raise ValueError(f"BalanceTracker.record: site {site} outside [0, {self.num_sites})")
-        if self.valid_T is not None:
-            v = self.valid_T
-            routing = Routing(routing.logits_TE[v], routing.probs_TE[v], routing.experts_TK[v], routing.weights_TK[v])
+        w_T = self.weight_T
         if not torch.is_grad_enabled():
             if self.metrics is not None:
-                self.metrics.observe(site, routing, self.domains_T)
+                self.metrics.observe(site, routing, self.domains_T, w_T)
             return
         # computed in the recompute pass as well: activation checkpointing requires the
         # recomputation to save exactly the tensors the forward saved
         probs = routing.probs_TE
-        lse2 = torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum() if self.z_loss_coef else probs.new_zeros(())
+        if w_T is not None:
+            probs = probs * w_T.to(probs.dtype)[:, None]
+        if self.z_loss_coef:
+            lse2_T = torch.logsumexp(routing.logits_TE, dim=-1).pow(2)
+            lse2 = (lse2_T if w_T is None else lse2_T * w_T.to(lse2_T.dtype)).sum()
+        else:
+            lse2 = probs.new_zeros(())
         psum_E = probs.sum(dim=0)
         if site in self._sites:
             if inside_backward():
@@ -269,18 +340,22 @@ class BalanceTracker:
             raise RuntimeError(
                 f"MoE site {site} routed twice in one micro-batch: call begin_microbatch() before each forward"
             )
+        if self.buffer_counts_SE.device != probs.device:
+            self.to(probs.device)
         if self.metrics is not None:
-            self.metrics.observe(site, routing, self.domains_T)
-        self._sites[site] = _SiteRecord(routing.experts_TK.detach(), psum_E, lse2, probs)
+            self.metrics.observe(site, routing, self.domains_T, w_T)
+        n = len(routing.experts_TK)
+        tokens = w_T.sum() if w_T is not None else torch.full((), n, dtype=torch.float64, device=probs.device)
+        self._sites[site] = _SiteRecord(routing.experts_TK.detach(), psum_E, lse2, probs, w_T, tokens)
         if self.balance == "global" and len(self._sites) == self.num_sites:
             self._start_sync()
 
     def _start_sync(self) -> None:
         """One all-reduce of every site's [counts, tokens] over the balance group."""
-        rows = []
-        for _, r in sorted(self._sites.items()):
-            tokens = torch.tensor([len(r.experts_TK)], dtype=torch.float64)
-            rows.append(torch.cat([expert_counts(r.experts_TK, self.num_experts), tokens]))
+        rows = [
+            torch.cat([expert_counts(r.experts_TK, self.num_experts, r.weight_T), r.tokens.reshape(1)])
+            for _, r in sorted(self._sites.items())
+        ]
         stats = torch.stack(rows)
         if self.group is None or group_size(self.group) == 1:
             self._sync = (stats, None)
@@ -288,34 +363,39 @@ class BalanceTracker:
         self._sync = dist_all_reduce(stats, group=self.group, async_op=True)
 
     # ----------------------------------------------------------------------------------------
-    def loss(self) -> Tensor:
-        """coef · Σ_sites LBL share + z_loss_coef · Σ_sites z-loss share, for this micro-batch.
-        Computed once per micro-batch (repeated calls return the same tensor)."""
-        if self._loss is not None:
-            return self._loss
+    def result(self) -> BalanceLoss:
+        """The balance (+ z) loss of this micro-batch as a value (see ``BalanceLoss``).
+        Computed once per micro-batch (repeated calls return the same value)."""
+        if self._result is not None:
+            return self._result
         if not self._sites:
-            self._loss = torch.zeros(())
-            return self._loss
-        local_tokens = torch.tensor(float(len(next(iter(self._sites.values())).experts_TK)), dtype=torch.float64)
+            self._result = BalanceLoss.zero(self.device)
+            return self._result
+        first = next(iter(self._sites.values()))
+        zero = first.psum_E.new_zeros(())
+        sequences = zero.double()
         if self.balance == "global":
-            lbl, tokens = self._global_loss()
+            lbl, tokens = self._global_lbl_sum()
+            per_sequence = zero
         elif self.balance == "micro":
-            lbl, tokens = self._micro_loss(local_tokens), local_tokens
+            lbl, tokens, per_sequence = self._micro_lbl_sum(first.tokens), first.tokens, zero
         else:
-            lbl, tokens = self._sequence_loss(), local_tokens
-        total = self.coef * lbl
+            lbl, tokens = zero, first.tokens
+            per_sequence, sequences = self._sequence_lbl_sum()
+            per_sequence = self.coef * per_sequence
+        per_token = self.coef * lbl
         if self.z_loss_coef:
-            norm = self._normalizer(tokens)
-            total = total + self.z_loss_coef * sum(r.lse2_sum for r in self._sites.values()) / norm.float()
-        self._loss = total
-        return total
+            per_token = per_token + self.z_loss_coef * sum(r.lse2_sum for r in self._sites.values())
+        self._result = BalanceLoss(per_token, per_sequence, tokens, sequences)
+        return self._result
 
-    def _normalizer(self, default: Tensor) -> Tensor:
-        if self.token_normalizer is None:
-            return default
-        return torch.tensor(float(self.token_normalizer), dtype=torch.float64)
+    def loss(self) -> Tensor:
+        """``result()``'s tensor, divided by ``token_normalizer`` and the sequence layout's
+        normaliser when given, else by this micro-batch's own counts."""
+        sequences = None if self.sequence is None else self.sequence.normalizer
+        return self.result().share(tokens=self.token_normalizer, sequences=sequences)
 
-    def _global_loss(self) -> tuple[Tensor, Tensor]:
+    def _global_lbl_sum(self) -> tuple[Tensor, Tensor]:
         if self._sync is None:
             self._start_sync()  # fewer sites than expected routed: sync what there is
         stats, handle = self._sync
@@ -326,42 +406,52 @@ class BalanceTracker:
         self.buffer_counts_SE[sites] += stats[:, :-1]
         self.buffer_tokens_S[sites] += stats[:, -1]
         tokens = stats[0, -1]  # every site of a micro-batch sees the same tokens
-        norm = self._normalizer(tokens)
+        one = torch.ones((), dtype=torch.float64, device=tokens.device)
         lbl = sum(
-            _lbl(self.buffer_counts_SE[s], self.buffer_tokens_S[s], self.top_k, self._sites[s].psum_E, norm)
+            _lbl(self.buffer_counts_SE[s], self.buffer_tokens_S[s], self.top_k, self._sites[s].psum_E, one)
             for s in sites
         )
         return lbl, tokens
 
-    def _micro_loss(self, local_tokens: Tensor) -> Tensor:
-        norm = self._normalizer(local_tokens)
+    def _micro_lbl_sum(self, local_tokens: Tensor) -> Tensor:
+        one = torch.ones((), dtype=torch.float64, device=local_tokens.device)
         lbl = 0.0
         for r in self._sites.values():
-            counts_E = expert_counts(r.experts_TK, self.num_experts)
-            # this rank's LBL weighted by its share of the normaliser's tokens
-            lbl = lbl + _lbl(counts_E, local_tokens, self.top_k, r.psum_E, norm)
+            counts_E = expert_counts(r.experts_TK, self.num_experts, r.weight_T)
+            # this rank's LBL numerator; divided by the normaliser's tokens in BalanceLoss.share
+            lbl = lbl + _lbl(counts_E, local_tokens, self.top_k, r.psum_E, one)
         return lbl
 
-    def _sequence_loss(self) -> Tensor:
+    def _sequence_lbl_sum(self) -> tuple[Tensor, Tensor]:
         layout = self.sequence
         if layout is None:
             raise RuntimeError("balance='sequence' needs begin_microbatch(sequence=SequenceLayout(...))")
         sites = sorted(self._sites)
         stats = torch.stack(
             [
-                _sequence_stats(self._sites[s].experts_TK, layout.seq_ids_T, layout.num_sequences, self.num_experts)
+                _sequence_stats(
+                    self._sites[s].experts_TK,
+                    layout.seq_ids_T,
+                    layout.num_sequences,
+                    self.num_experts,
+                    self._sites[s].weight_T,
+                )
                 for s in sites
             ]
         )
         if layout.group is not None:
             dist_all_reduce(stats, group=layout.group)  # one collective for all sites
-        norm = None if layout.normalizer is None else torch.tensor(float(layout.normalizer), dtype=torch.float64)
-        lbl = 0.0
+        total, nonempty = 0.0, None
         for i, s in enumerate(sites):
-            probs = self._sites[s].probs_TE
+            probs = self._sites[s].probs_TE  # already weighted: padding contributes nothing
             psum_SE = probs.new_zeros(layout.num_sequences, self.num_experts).index_add(0, layout.seq_ids_T, probs)
-            lbl = lbl + _sequence_lbl(stats[i], psum_SE, self.top_k, norm)
-        return lbl
+            site_sum, nonempty = _sequence_lbl_sum(stats[i], psum_SE, self.top_k)
+            total = total + site_sum
+        return total, nonempty
+
+    def begin_step(self) -> None:
+        """Before a step's first micro-batch: an empty gradient-accumulation buffer."""
+        self.end_step()
 
     def end_step(self) -> None:
         """After the optimizer step: reset the gradient-accumulation buffer."""

@@ -16,6 +16,12 @@ the layer's FFN output is x⁽ᶜ⁾ − x⁽⁰⁾ = Σₜ MoEₜ, added to h b
 h + Σₜ MoEₜ with x⁽⁰⁾ = RMSNorm(h). With C = 1 this is exactly a plain pre-norm MoE block
 (tested), which is what a fair "CoE vs MoE" comparison needs.
 
+**Top-k weights.** The reference (DeepSeek-V2-Lite's gate, ``norm_topk_prob=false``) weights each
+iteration's K/C experts by their raw softmax probabilities; renormalising them to sum to one
+(Mixtral style) changes the layer's output by ~15% at K/C = 2. ``renormalize=False`` (the
+default, ``moe.chain_norm_topk_prob = false``) follows the reference; True renormalises. A plain
+MoE layer (C = 1) keeps ``route_topk``'s own rule (renormalise when k > 1) either way.
+
 With the GRU router, the recurrent state also runs through the iterations (layer l iteration t
 hands its state to iteration t+1, the last iteration to layer l+1).
 """
@@ -40,14 +46,17 @@ def chain_of_experts(
     shared: nn.Module | None,
     record: Callable[[int, Routing], None],
     router_state: Tensor | None = None,
+    renormalize: bool | None = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Σₜ MoEₜ(x⁽ᵗ⁻¹⁾) over ``len(routers)`` iterations, and the router state after the last.
-    ``record(t, routing)`` hands each iteration's routing to the balance tracker."""
+    ``record(t, routing)`` hands each iteration's routing to the balance tracker.
+    ``renormalize``: rescale each iteration's top-k weights to sum to one (False: the raw
+    probabilities, as the CoE reference; None: ``route_topk``'s default, for plain MoE)."""
     x_t = x_TD
     total = None
     for t, router in enumerate(routers):
         logits_TE, router_state = router(x_t, router_state)
-        routing = route_topk(logits_TE, k_per_iteration)
+        routing = route_topk(logits_TE, k_per_iteration, renormalize=renormalize)
         record(t, routing)
         out = experts(x_t, routing)
         if shared is not None:

@@ -22,6 +22,10 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     chain_iterations: int = 1
     """1 = plain MoE; >= 2 = Chain-of-Experts with top_k / chain_iterations experts per iteration."""
+    chain_norm_topk_prob: bool = False
+    """Chain-of-Experts: renormalise each iteration's top-k probabilities to sum to one. false =
+    the CoE reference (raw probabilities, norm_topk_prob=false); see moe/chain.py. Plain MoE
+    (chain_iterations = 1) renormalises top-k > 1 either way."""
     shared_expert: bool = False
     ep_size: int = 1
     expert_compute: Literal["auto", "grouped", "loop"] = "auto"

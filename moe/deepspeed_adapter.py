@@ -22,6 +22,7 @@ from torch import nn
 
 from moe.experts import expert_group_name
 from parallel.comm import SOLO, Group
+from parallel.context import primary_backend
 
 __all__ = ["DeepSpeedMoEModule", "expert_parallel_group"]
 
@@ -42,7 +43,7 @@ def expert_parallel_group(ep_size: int) -> Group:
     from deepspeed.utils import groups
 
     if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=primary_backend(dist.get_backend()), auto_mpi_discovery=False)
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         # ep_size 1 too: DeepSpeed's engine looks up the expert-data-parallel group of every expert

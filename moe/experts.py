@@ -180,4 +180,5 @@ def dispatch_combine(
         y_recv = y_local[torch.argsort(perm)]
         y_ND = all_to_all_single(y_recv, group=ep_group, output_split_sizes=send_splits, input_split_sizes=recv_splits)
     w_N = weights_TK.reshape(-1)[order_N].to(y_ND.dtype)
-    return x_TD.new_zeros(T, D).index_add(0, token_N, y_ND * w_N[:, None])
+    # under autocast the experts return bf16 while x (the residual stream) stays fp32: combine in x's dtype
+    return x_TD.new_zeros(T, D).index_add(0, token_N, (y_ND * w_N[:, None]).to(x_TD.dtype))

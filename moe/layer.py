@@ -76,6 +76,7 @@ class MoELayer(DeepSpeedMoEModule):
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         chain_iterations: int = 1,
+        chain_norm_topk_prob: bool = False,
         shared_expert: bool = False,
         ep_size: int = 1,
         expert_compute: str = "auto",
@@ -100,6 +101,8 @@ class MoELayer(DeepSpeedMoEModule):
             raise ValueError(f"expert_compute={expert_compute!r}: allowed {', '.join(EXPERT_COMPUTE)}")
         self.expert_compute = expert_compute
         self.top_k, self.chain_iterations = top_k, chain_iterations
+        # plain MoE: route_topk's rule (renormalise k > 1); CoE: the reference's raw probs unless asked
+        self.renormalize = None if chain_iterations == 1 else chain_norm_topk_prob
         self.k_per_iteration = top_k // chain_iterations
         self.layer_index, self.seed = layer_index, seed
         self.router_kind = router
@@ -182,6 +185,7 @@ class MoELayer(DeepSpeedMoEModule):
             shared=self.shared_ffn,
             record=lambda t, routing: self.tracker.record(self.site(t), routing),
             router_state=router_state,
+            renormalize=self.renormalize,
         )
         return y_TD.view(shape), router_state
 

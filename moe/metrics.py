@@ -12,7 +12,10 @@ micro-batches of a step and reduced over ranks in one all-reduce when summarised
   fraction of its tokens that chose each expert (a row sums to k). Specialised experts show up
   as large entries for one domain only.
 
-Everything is accumulated detached, in float64 on the host side of the router's tensors.
+Everything is accumulated detached, in float64, on the router tensors' device, with
+``index_add_`` (no host read); ``summary()`` reads the reduced statistics back once. The
+runtime's ``train_step`` folds them into its one reduction per step (``stats()`` /
+``summarize()``).
 """
 
 from __future__ import annotations
@@ -57,30 +60,48 @@ class RoutingMetrics:
     def reset(self) -> None:
         self._stats.zero_()
 
-    def observe(self, site: int, routing: Routing, domains_T: Tensor | None = None) -> None:
+    def observe(
+        self, site: int, routing: Routing, domains_T: Tensor | None = None, weight_T: Tensor | None = None
+    ) -> None:
+        """Add one routing decision; ``weight_T`` (0 on padding) leaves tokens out."""
         E, D = self.num_experts, len(self.domain_names)
-        experts_TK = routing.experts_TK.detach().cpu()
-        probs_TE = routing.probs_TE.detach().float().cpu()
+        experts_TK = routing.experts_TK.detach()
+        probs_TE = routing.probs_TE.detach().double()
+        device = experts_TK.device
+        if self._stats.device != device:
+            self._stats = self._stats.to(device)
+        T, K = experts_TK.shape
+        w_T = torch.ones(T, dtype=torch.float64, device=device) if weight_T is None else weight_T.double()
         row = self._stats[site]
-        row[:E] += torch.bincount(experts_TK.reshape(-1), minlength=E).double()
-        row[E] += experts_TK.shape[0]
-        row[E + 1] += probs_TE.gather(1, experts_TK).sum().double()
-        row[E + 2] += -(probs_TE * probs_TE.clamp(min=1e-30).log()).sum().double()
+        row[:E].index_add_(0, experts_TK.reshape(-1), w_T.repeat_interleave(K))
+        row[E] += w_T.sum()
+        row[E + 1] += (probs_TE.gather(1, experts_TK).sum(dim=1) * w_T).sum()
+        row[E + 2] += (-(probs_TE * probs_TE.clamp(min=1e-30).log()).sum(dim=1) * w_T).sum()
         if D and domains_T is not None:
-            domains_T = domains_T.detach().cpu().long()
-            if domains_T.shape[0] != experts_TK.shape[0]:
-                raise ValueError(f"domain labels for {domains_T.shape[0]} tokens, routing for {experts_TK.shape[0]}")
-            if domains_T.numel() and not 0 <= int(domains_T.min()) <= int(domains_T.max()) < D:
+            domains_T = domains_T.detach().long()
+            if domains_T.shape[0] != T:
+                raise ValueError(f"domain labels for {domains_T.shape[0]} tokens, routing for {T}")
+            # a host read, so only for host labels: the runtime checks its labels on the host
+            if domains_T.device.type == "cpu" and domains_T.numel() and not 0 <= domains_T.min() <= domains_T.max() < D:
                 raise ValueError(f"domain labels must lie in [0, {D}) ({', '.join(self.domain_names)})")
             pair = (domains_T[:, None] * E + experts_TK).reshape(-1)
-            row[E + 3 : E + 3 + D * E] += torch.bincount(pair, minlength=D * E).double()
-            row[E + 3 + D * E :] += torch.bincount(domains_T, minlength=D).double()
+            row[E + 3 : E + 3 + D * E].index_add_(0, pair, w_T.repeat_interleave(K))
+            row[E + 3 + D * E :].index_add_(0, domains_T, w_T)
+
+    def stats(self) -> Tensor:
+        """The [sites, width] float64 statistics since the last reset, on the routing device."""
+        return self._stats
 
     def summary(self, group: Group | None = None) -> dict:
         """JSON-ready metrics over all ranks of ``group`` (one all-reduce), then reset."""
         stats = self._stats.clone()
         if group is not None:
             dist_all_reduce(stats, group=group)
+        return self.summarize(stats)
+
+    def summarize(self, stats: Tensor) -> dict:
+        """JSON-ready metrics of already-reduced ``stats`` (one host read); resets."""
+        stats = stats.detach().to("cpu", copy=True)  # a copy: ``stats`` may be ours, reset below
         self.reset()
         E, D = self.num_experts, len(self.domain_names)
         sites = []

@@ -92,7 +92,8 @@ def global_rank(group: Group, rank_in_group: int) -> int:
 
 
 def _is_nccl(group: Group) -> bool:
-    return not isinstance(group, SoloGroup) and dist.get_backend(group) == "nccl"
+    # "nccl" or "cpu:gloo,cuda:nccl" (ParallelContext's default group on GPUs)
+    return not isinstance(group, SoloGroup) and "nccl" in str(dist.get_backend(group))
 
 
 # --------------------------------------------------------------------------------------------

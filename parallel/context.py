@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from parallel.comm import SOLO, Group
 
-__all__ = ["ParallelContext", "buddy_group_ranks", "resolve_backend_and_device"]
+__all__ = ["ParallelContext", "buddy_group_ranks", "init_backend", "primary_backend", "resolve_backend_and_device"]
 
 
 def buddy_group_ranks(world_size: int) -> list[tuple[int, ...]]:
@@ -46,6 +46,18 @@ def buddy_group_ranks(world_size: int) -> list[tuple[int, ...]]:
     if world_size > 1 and world not in groups:
         groups.append(world)
     return groups
+
+
+def init_backend(backend: str) -> str:
+    """What ``init_process_group`` gets for ``backend``: NCCL for CUDA tensors *and* gloo for
+    CPU tensors, so object broadcasts (the plan) and host-side reductions keep working on GPUs."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
+def primary_backend(name: str) -> str:
+    """The device backend of a process group's backend string ("cpu:gloo,cuda:nccl" -> "nccl")."""
+    name = str(name)
+    return "nccl" if "nccl" in name else "gloo" if "gloo" in name else name
 
 
 def resolve_backend_and_device(backend: str = "auto", device: str = "auto", local_rank: int = 0):
@@ -87,6 +99,8 @@ class ParallelContext:
     """Non-buddy groups made by ensure_groups, least recently used first (on every rank, members or not)."""
     max_extra_groups: int | None = field(default=None, repr=False)
     """Non-buddy groups kept beyond the current plan's (None: the world size)."""
+    timeout_s: float | None = field(default=None, repr=False)
+    """The collective timeout of every group this context creates (None: torch's default, 30 min)."""
 
     @classmethod
     def initialize(
@@ -104,21 +118,23 @@ class ParallelContext:
             if init_method is None:
                 init_method = _default_init_method(world_size)
             dist.init_process_group(
-                backend=backend,
+                backend=init_backend(backend),
                 init_method=init_method,
                 rank=rank,
                 world_size=world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
-        return cls.from_initialized(backend=backend, device=device)
+        return cls.from_initialized(backend=backend, device=device, timeout_s=timeout_s)
 
     @classmethod
-    def from_initialized(cls, *, backend: str = "auto", device: str = "auto") -> ParallelContext:
+    def from_initialized(
+        cls, *, backend: str = "auto", device: str = "auto", timeout_s: float | None = None
+    ) -> ParallelContext:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call ParallelContext.initialize()")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        actual_backend = dist.get_backend()
+        actual_backend = primary_backend(dist.get_backend())
         if backend not in ("auto", actual_backend):
             raise ValueError(f"parallel.backend={backend!r} but the process group uses {actual_backend!r}")
         _, resolved_device = resolve_backend_and_device(actual_backend, device, local_rank)
@@ -126,14 +142,25 @@ class ParallelContext:
             torch.cuda.set_device(resolved_device)
         world = dist.group.WORLD if world_size > 1 else SOLO
         ctx = cls(rank, world_size, local_rank, resolved_device, actual_backend, world)
+        ctx.timeout_s = timeout_s
         ctx._create_buddy_groups()
         return ctx
+
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> ParallelContext:
+        """One process without torch.distributed (every group is SOLO): benchmarks and tests."""
+        return cls(0, 1, 0, torch.device(device), "gloo", SOLO)
+
+    def _new_group(self, ranks: tuple[int, ...]) -> Group:
+        # new_group does not inherit the world's timeout (it defaults to 30 min): pass it on
+        timeout = None if self.timeout_s is None else timedelta(seconds=self.timeout_s)
+        return dist.new_group(list(ranks), timeout=timeout)
 
     def _create_buddy_groups(self) -> None:
         world_ranks = tuple(range(self.world_size))
         for ranks in buddy_group_ranks(self.world_size):
             # new_group is collective over all ranks: everyone calls it, in this same order
-            group = self.world if ranks == world_ranks else dist.new_group(list(ranks))
+            group = self.world if ranks == world_ranks else self._new_group(ranks)
             if self.rank in ranks:
                 self._groups[ranks] = group
 
@@ -157,7 +184,7 @@ class ParallelContext:
                 self._extra.move_to_end(ranks)
                 continue
             # new_group is collective over all ranks: everyone calls it, in this same order
-            group = self.world if ranks == world_ranks else dist.new_group(list(ranks))
+            group = self.world if ranks == world_ranks else self._new_group(ranks)
             member = self.rank in ranks
             self._extra[ranks] = group if member else None
             if member:

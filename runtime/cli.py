@@ -28,6 +28,7 @@ BENCH_SUITES = {
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
     "projection": ("projection.py", "PROJECTED (cost-model) scaling of adaptive vs static SP to 4096 ranks"),
     "kernels": ("kernels.py", "per-document vs packed softmax attention, grouped vs looped experts (CPU)"),
+    "soak": ("soak.py", "1,000-step run: RSS, descriptors and process groups stay flat (--quick: 60 steps)"),
 }
 
 
@@ -53,12 +54,14 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError(f"got the config twice ({args.config_file} and --config {args.config}); give it once")
     config = load_config(args.config_file or args.config, overrides)
     from launchers.env import LaunchEnvError
+    from runtime.checkpoint import CheckpointError
     from runtime.data import DataError
     from runtime.train import TrainingError, main_train
+    from runtime.watchdog import StepHangError
 
     try:
         return main_train(config)
-    except (TrainingError, DataError, LaunchEnvError) as exc:
+    except (TrainingError, DataError, LaunchEnvError, CheckpointError, StepHangError) as exc:
         # bad data, a launcher environment that does not add up, an impossible batch: the
         # message names the problem and the fix, a traceback would only hide it
         print(f"seqmoe train: {exc}", file=sys.stderr)

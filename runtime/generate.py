@@ -40,8 +40,8 @@ def resolve_device(spec: str) -> torch.device:
 def next_token_logits(model: HybridLM, tokens_T: Tensor) -> Tensor:
     """[T, vocab] float32 logits of one sequence, through the training forward (one document)."""
     T = int(tokens_T.numel())
-    logits_1TV = model(tokens_T[None], SPContext.single(T, device=tokens_T.device))
-    model.end_step()  # a forward adds to the balance buffer; nothing trains here
+    # under no_grad the balance tracker only observes metrics: its GA buffer stays untouched
+    logits_1TV = model(tokens_T[None], SPContext.single(T, device=tokens_T.device)).logits
     if model.routing_metrics is not None:
         model.routing_metrics.reset()
     return logits_1TV[0].float()

@@ -21,13 +21,14 @@ Shapes: B batch (1 when packed), T local tokens, D model width, H heads, K head 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moe.balance import BalanceTracker, SequenceLayout, sequence_ids
+from moe.balance import BalanceLoss, BalanceTracker, SequenceLayout, sequence_ids
 from moe.layer import MoELayer
 from moe.metrics import RoutingMetrics
 from moe.router import make_gru_cell
@@ -41,10 +42,21 @@ from parallel.ulysses import ulysses_attention_in_context, ulysses_linear_attent
 from runtime.config import ModelConfig, MoEConfig, ParallelConfig
 from runtime.deltanet import GatedDeltaNet
 
-__all__ = ["HybridLM", "SPBatch", "SPContext", "build_model", "layer_kinds"]
+__all__ = ["HybridLM", "LMOutput", "SPBatch", "SPContext", "build_model", "layer_kinds"]
 
 SPBatch = SPContext
 """The name this module used before the SP context moved to parallel/sp_context.py."""
+
+
+class LMOutput(NamedTuple):
+    """What a forward pass returns: ``logits, balance = model(tokens, batch)``."""
+
+    logits: Tensor
+    """[B, T, vocab] logits of this rank's shard."""
+    balance: BalanceLoss
+    """The MoE balance (+ z) loss of this forward as a value (zero for a dense model): the step
+    takes ``balance.share(tokens=, sequences=)`` with the global batch's counts, a standalone
+    caller ``balance.value()``."""
 
 
 def layer_kinds(config: ModelConfig) -> list[str]:
@@ -229,6 +241,7 @@ class HybridLM(nn.Module):
             balance_coef=moe.balance_coef,
             z_loss_coef=moe.z_loss_coef,
             chain_iterations=moe.chain_iterations,
+            chain_norm_topk_prob=moe.chain_norm_topk_prob,
             shared_expert=moe.shared_expert,
             ep_size=moe.ep_size,
             expert_compute=moe.expert_compute,
@@ -244,20 +257,13 @@ class HybridLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(
-        self,
-        tokens_BT: Tensor,
-        batch: SPContext,
-        *,
-        token_normalizer: float | None = None,
-        num_sequences: float | None = None,
-        domains_T: Tensor | None = None,
-        valid_T: Tensor | None = None,
-    ) -> Tensor:
-        """Logits [B, T, vocab] of this rank's shard. MoE models: ``aux_loss()`` afterwards gives
-        the balance loss of this forward; ``token_normalizer`` / ``num_sequences`` (the global
-        batch's tokens / sequences) make it a share that sums exactly over ranks and micro-batches.
-        ``valid_T`` (False on padding; default: the context's) keeps padding tokens out of the
-        balance loss and metrics."""
+        self, tokens_BT: Tensor, batch: SPContext, *, domains_T: Tensor | None = None, valid_T: Tensor | None = None
+    ) -> LMOutput:
+        """Logits of this rank's shard and the MoE balance loss of this forward (``LMOutput``).
+        ``valid_T`` (False on padding; default: the context's, None when there is none) keeps
+        padding tokens out of the balance loss and metrics; ``domains_T`` labels tokens for the
+        per-domain routing metric. The gradient-accumulation buffer of the global balance loss
+        is the step's to reset (``tracker.begin_step()``, runtime/step.py ``train_step``)."""
         if tokens_BT.shape[1] != batch.local_len:
             raise ValueError(
                 f"HybridLM: tokens hold {tokens_BT.shape[1]} tokens per row but the SP context was built for "
@@ -270,10 +276,8 @@ class HybridLM(nn.Module):
                 num_local = tokens_BT.numel()
                 seq_T = sequence_ids(batch.cu_seqlens, batch.offset, num_local, device=tokens_BT.device)
                 group = None if batch.num_ranks == 1 else batch.group
-                sequence = SequenceLayout(seq_T, batch.num_documents, group, num_sequences)
-            self.tracker.begin_microbatch(
-                token_normalizer=token_normalizer, sequence=sequence, domains_T=domains_T, valid_T=valid_T
-            )
+                sequence = SequenceLayout(seq_T, batch.num_documents, group)
+            self.tracker.begin_microbatch(sequence=sequence, domains_T=domains_T, valid_T=valid_T)
         x = self.embed(tokens_BT)
         router_state = None
         for block in self.blocks:
@@ -283,16 +287,10 @@ class HybridLM(nn.Module):
             else:
                 x, router_state = block(x, batch, router_state)
         x = self.norm(x)
-        return x @ self.embed.weight.T if self.head is None else self.head(x)
-
-    def aux_loss(self) -> Tensor:
-        """The MoE balance (+ z) loss of the last forward (0 for a dense model)."""
-        return torch.zeros(()) if self.tracker is None else self.tracker.loss()
-
-    def end_step(self) -> None:
-        """After each optimizer step: reset the global-balance GA buffer."""
-        if self.tracker is not None:
-            self.tracker.end_step()
+        logits = x @ self.embed.weight.T if self.head is None else self.head(x)
+        if self.tracker is None:
+            return LMOutput(logits, BalanceLoss.zero(logits.device))
+        return LMOutput(logits, self.tracker.result())  # zero under no_grad: evaluation only observes
 
 
 def build_model(

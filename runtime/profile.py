@@ -188,7 +188,7 @@ def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
         if ctx.world_size > 1:
             dist.barrier(group=ctx.world)
         start = time.perf_counter()
-        logits = model(local, batch)
+        logits = model(local, batch).logits
         F.cross_entropy(logits.flatten(0, 1).float(), local.flatten()).backward()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
@@ -277,7 +277,7 @@ def _activation_mb_per_token(model, length: int, device) -> float:
 
     tokens = torch.randint(0, model.config.vocab_size, (1, length), device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens, SPContext.single(length, device=device))
+        logits = model(tokens, SPContext.single(length, device=device)).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
     loss.backward()
     return saved / length / 2**20

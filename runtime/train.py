@@ -7,14 +7,14 @@ One step, as DESIGN.md draws it: the data gives step i's global batch (it depend
 seed and i); rank 0's planner has already planned it while step i-1 trained and broadcasts the
 plan; each rank runs the plan's micro-batches with the plan's SP groups (runtime/step.py); the
 DeepSpeed engine sums gradients over all ranks (experts over their expert-data-parallel group),
-clips, and steps AdamW with a warmup-cosine schedule; the MoE balance buffer is reset; rank 0
-logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
+clips, and steps AdamW with a warmup-cosine schedule (``runtime.step.train_step``: the MoE
+balance buffer is emptied as the step begins, losses stay on the device until the step's one
+reduction); rank 0 logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
 the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -35,14 +35,13 @@ from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_summary
 from runtime.progress import Progress
 from runtime.startup import startup_lines
-from runtime.step import StepResult, evaluate_plan, run_plan
+from runtime.step import evaluate_plan, train_step
+from runtime.watchdog import StepWatchdog
 
 __all__ = [
     "TrainingError",
     "all_sum",
     "build_engine",
-    "forward_backward",
-    "optimizer_step",
     "resolve_cost_model",
     "train",
 ]
@@ -146,15 +145,34 @@ class StepPlanner:
             if self.async_planner is None:
                 plan = self._plan_now(self.lengths_of(step))
             else:
-                if step not in self.async_planner.pending():
-                    self.async_planner.submit(step, self.lengths_of(step))
-                plan = self.async_planner.result(step)
-                if step + 1 < last_step:
-                    self.async_planner.submit(step + 1, self.lengths_of(step + 1))
+                plan = self._async_plan(step, last_step)
             text = [plan.to_json()]
         if self.ctx.world_size > 1:
             dist.broadcast_object_list(text, src=0, group=self.ctx.world)
         return StepPlan.from_json(text[0])
+
+    def _async_plan(self, step: int, last_step: int) -> StepPlan:
+        """Step's plan from the background worker (and submit the next); if the worker process died,
+        plan in this process from now on."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from planner.async_plan import PlanningError
+
+        try:
+            if step not in self.async_planner.pending():
+                self.async_planner.submit(step, self.lengths_of(step))
+            plan = self.async_planner.result(step)
+            if step + 1 < last_step:
+                self.async_planner.submit(step + 1, self.lengths_of(step + 1))
+            return plan
+        except (PlanningError, BrokenProcessPool) as exc:
+            if not isinstance(exc, BrokenProcessPool) and not isinstance(exc.__cause__, BrokenProcessPool):
+                raise
+        warning = f"warning: step {step}: the planner worker process died; planning in the training process from now on"
+        print(warning, flush=True)
+        self.async_planner.shutdown(wait=False)
+        self.async_planner = None
+        return self._plan_now(self.lengths_of(step))
 
     def close(self) -> None:
         if self.async_planner is not None:
@@ -162,7 +180,8 @@ class StepPlanner:
 
 
 def all_sum(ctx: ParallelContext, values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    """Host values summed over all ranks (on the context's device: an NCCL group takes no CPU tensor)."""
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1:
         dist.all_reduce(t, group=ctx.world)
     return t.tolist()
@@ -179,19 +198,26 @@ def _check_fits(dataset, cost: CostModel, world: int, policy: str) -> None:
         )
 
 
-def train(config: Config, *, report=print) -> dict:
-    """Run ``config``; returns the last step's metrics row (on every rank)."""
+def train(config: Config, *, report=print, on_step_start=None) -> dict:
+    """Run ``config``; returns the last step's metrics row (on every rank). ``on_step_start(ctx,
+    step)``, if given, runs on every rank as each step starts (benchmarks/soak.py samples memory)."""
     discover_environment(expected_world_size=config.launch.nnodes * config.launch.nproc_per_node).export()
     ctx = ParallelContext.initialize(
         backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
     )
+    watch = StepWatchdog(ctx, config.parallel.timeout_s, on_begin=on_step_start)
     try:
-        return _train(ctx, config, report)
+        return _train(ctx, config, report, watch)
+    except RuntimeError as exc:  # a collective that timed out: say which rank, at which step
+        hang = watch.explain(exc)
+        if hang is None:
+            raise
+        raise hang from exc
     finally:
         ctx.destroy()  # also on errors: a caller in the same process may start another job
 
 
-def _train(ctx: ParallelContext, config: Config, report) -> dict:
+def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) -> dict:
     t = config.train
     torch.manual_seed(t.seed)  # identical non-expert parameters on every rank
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
@@ -224,31 +250,28 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
     bad_in_a_row, row = 0, {}
     try:
         for step in range(start, t.steps):
+            watch.begin(step)
             began = time.perf_counter()
             batch = dataset.train_batch(step, t.seed)
             plan = planner.plan(step, t.steps)
-            result = forward_backward(model, engine, ctx, plan, batch)
-            grad_norm = optimizer_step(engine, ctx, t.zero_stage, config.moe.ep_size)
-            model.end_step()
-            loss_sum, aux_sum, tokens = all_sum(ctx, [result.loss_sum, result.aux_loss, result.tokens])
-            loss = loss_sum / sum(len(s) - 1 for s in batch.sequences)
-            skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+            result = train_step(model, engine, ctx, plan, batch)
+            loss, grad_norm, skipped = result.loss, result.grad_norm, result.skipped
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
             step_time = time.perf_counter() - began
             row = {
                 "step": step,
                 "loss": loss,
-                "aux_loss": aux_sum,
+                "aux_loss": result.aux_loss,
                 "grad_norm": grad_norm,
-                "tokens": int(tokens),
+                "tokens": result.tokens,
                 "step_time_s": step_time,
-                "tokens_per_s": tokens / step_time,
+                "tokens_per_s": result.tokens / step_time,
                 "lr": engine.get_lr()[0],
                 "skipped": skipped,
                 "plan": plan_summary(plan),
             }
-            if model.routing_metrics is not None:
-                row["moe"] = model.routing_metrics.summary(ctx.world)
+            if result.moe is not None:
+                row["moe"] = result.moe
             if skipped and ctx.rank == 0:
                 report(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; update skipped")
             if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
@@ -272,48 +295,6 @@ def _train(ctx: ParallelContext, config: Config, report) -> dict:
             if out is not None:
                 out.close()
     return row
-
-
-def forward_backward(model: HybridLM, engine, ctx: ParallelContext, plan: StepPlan, batch) -> StepResult:
-    """Forward and backward of every micro-batch of ``plan`` through the DeepSpeed engine.
-
-    The engine averages gradients over ranks; our per-rank losses are shares of one global loss
-    whose gradients must be *summed*, hence the factor world_size. The plan decides the number of
-    micro-batches, so the accumulation boundary is marked here, not counted by DeepSpeed."""
-
-    def backward(loss: torch.Tensor, last: bool) -> None:
-        engine.set_gradient_accumulation_boundary(last)
-        engine.backward(loss * ctx.world_size, scale_wrt_gas=False)
-
-    return run_plan(model, ctx, plan, batch.sequences, batch.domains, forward=engine, backward=backward)
-
-
-def optimizer_step(engine, ctx: ParallelContext, zero_stage: int, ep_size: int) -> float:
-    """Clip and step; returns the global gradient norm, which is inf or nan when the update was
-    skipped because a gradient was not finite."""
-    if zero_stage > 0:
-        engine.step()  # ZeRO-1/2 compute the global norm and skip a non-finite step themselves
-        norm = engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
-    # stage 0: the engine summed the gradients at the last backward; check them before stepping.
-    # Shared parameters are identical on every rank; each expert lives on world/ep_size ranks.
-    from deepspeed.moe.utils import is_moe_param
-
-    shared = expert = 0.0
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            sq = float(p.grad.detach().double().pow(2).sum())
-            if is_moe_param(p):
-                expert += sq
-            else:
-                shared += sq
-    copies = ctx.world_size // ep_size
-    norm = math.sqrt(shared + all_sum(ctx, [expert])[0] / copies)
-    if math.isfinite(norm):
-        engine.step()
-    else:
-        engine.zero_grad()
-    return norm
 
 
 @torch.no_grad()

@@ -235,6 +235,29 @@ def test_projection_benchmark_writes_its_results(tmp_path):
     assert set(result["summary"]["flexsp-gpt7b-a100"]) == {"8", "16"}
 
 
+@pytest.mark.slow
+def test_soak_quick_records_memory_descriptors_and_groups(tmp_path):
+    """`soak.py --quick`: 60 steps on 4 gloo ranks, a sample every 10; the figures are recorded
+    and the acceptance computed (its verdict is not asserted: 60 steps are still warm-up)."""
+    cmd = [sys.executable, "benchmarks/soak.py", "--quick", "--out-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert (tmp_path / "soak.png").stat().st_size > 0
+    summary = result["summary"]
+    assert summary["steps"] == 60 and [m["step"] for m in result["metrics"]] == list(range(60))
+    assert len(summary["plan_shapes"]) >= 2  # FlexSP plans change from step to step
+    for rank in range(4):
+        rows = result["samples"][str(rank)]
+        assert [s["step"] for s in rows] == [0, 10, 20, 30, 40, 50, 59]
+        assert all(s["rss"] > 0 and s["fds"] > 0 for s in rows)
+        # DESIGN invariant 6: at most world - 1 cached groups, and none created after start-up
+        assert {s["cached_groups"] for s in rows} <= {1, 2, 3} and summary["ranks"][f"rank{rank}"]["groups_ok"]
+    assert any(s.get("planner_rss") for s in result["samples"]["0"])  # the planner worker was found
+    assert {"rss", "fds", "groups"} <= set(summary["criterion"]) and isinstance(summary["passed"], bool)
+    assert summary["checkpoints_left"] == ["step_000040", "step_000060"]
+    assert math.isfinite(summary["loss_last"]) and summary["loss_last"] < summary["loss_first"]
+
+
 def test_gpu_delta_check_smoke_run_on_cpu(tmp_path):
     """The prepared GPU check of the delta rule runs end to end (torch rows only on CPU)."""
     cmd = [sys.executable, "benchmarks/gpu_delta_check.py", "--device", "cpu", "--lengths", "128"]

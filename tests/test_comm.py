@@ -336,3 +336,14 @@ def test_harness_times_out_on_deadlock():
         run_on_ranks(2, _deadlock, timeout_s=3)
     # the pool is rebuilt: the next call works
     assert run_on_ranks(2, _rank_only) == [0, 1]
+
+
+def test_gpu_default_group_has_a_cpu_backend_too():
+    """On GPUs the default group is NCCL for CUDA tensors and gloo for CPU ones (object
+    broadcasts, host-side reductions); the context reports the device backend."""
+    from parallel.context import init_backend, primary_backend
+
+    assert init_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert init_backend("gloo") == "gloo"
+    assert primary_backend("cpu:gloo,cuda:nccl") == "nccl"
+    assert primary_backend("gloo") == "gloo"

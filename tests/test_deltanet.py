@@ -42,7 +42,7 @@ def _setup(pattern, linear_sp, total, bounds):
 
 def loss_and_grads(model, tokens, targets, batch):
     model.zero_grad()
-    logits = model(tokens, batch)
+    logits = model(tokens, batch).logits
     F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -193,6 +193,6 @@ def test_gdn_model_runs_on_the_meta_device():
     with torch.device("meta"):
         model = build_model(config, ParallelConfig())
     tokens = torch.randint(0, 256, (1, 20), device="meta")
-    logits = model(tokens, SPContext.single(20, [0, 7, 20], device="meta"))
+    logits = model(tokens, SPContext.single(20, [0, 7, 20], device="meta")).logits
     logits.float().sum().backward()
     assert logits.device.type == "meta" and model.blocks[0].mix.conv.grad.device.type == "meta"

@@ -55,7 +55,7 @@ def _train_then_reference_logits(ctx, run_dir: str, zero_stage: int, ep_size: in
     model.eval()
     with torch.no_grad():
         tokens = encode(FIXED_TEXT)
-        logits = model(tokens[None], SPContext.single(tokens.numel()))[0]
+        logits = model(tokens[None], SPContext.single(tokens.numel())).logits[0]
     return {"step": step, "loss": row["loss"], "logits": logits}
 
 

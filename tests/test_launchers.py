@@ -243,7 +243,13 @@ def test_torchrun_command_has_free_port_rendezvous_and_restarts():
     settings = load_config(None, ["--launch.nproc_per_node=3", "--launch.max_restarts=2"]).launch
     command = torchrun_command(settings, ["-m", "runtime.cli", "train"])
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    for arg in ("--nproc-per-node=3", "--max-restarts=2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0"):
+    for arg in (
+        "--nproc-per-node=3",
+        "--max-restarts=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",
+    ):
         assert arg in command
     assert command[-3:] == ["-m", "runtime.cli", "train"]
     with pytest.raises(LaunchError, match="launcher=slurm"):

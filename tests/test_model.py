@@ -32,8 +32,8 @@ def tiny_config(decay: str = "per_head", ffn: str = "dense") -> ModelConfig:
 
 def loss_and_grads(model, tokens, targets, batch, total=None):
     model.zero_grad()
-    logits = model(tokens, batch, token_normalizer=total)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") + model.aux_loss()
+    logits, balance = model(tokens, batch)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") + balance.share(tokens=total)
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -226,7 +226,9 @@ def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
         for it, router in enumerate(layer.routers):
             probs = F.softmax(router.gate.weight.float() @ x_t.float(), dim=-1)
             top_p, top_e = probs.topk(layer.k_per_iteration)
-            if layer.k_per_iteration > 1:
+            # plain MoE renormalises top-k > 1; CoE iterations only with chain_norm_topk_prob
+            renormalize = layer.chain_iterations == 1 or layer.renormalize
+            if layer.k_per_iteration > 1 and renormalize:
                 top_p = top_p / top_p.sum()
             step = sum(p * experts[int(e)](x_t[None])[0] for p, e in zip(top_p, top_e, strict=True))
             if layer.shared_ffn is not None:
@@ -238,14 +240,33 @@ def naive_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("chain,top_k,shared", [(1, 2, False), (1, 1, True), (2, 2, False), (2, 4, True)])
-def test_layer_equals_naive_reference(chain, top_k, shared):
+@pytest.mark.parametrize(
+    "chain,top_k,shared,norm",
+    [(1, 2, False, False), (1, 1, True, False), (2, 2, False, False), (2, 4, True, False), (2, 4, True, True)],
+)
+def test_layer_equals_naive_reference(chain, top_k, shared, norm):
     torch.manual_seed(0)
-    layer = MoELayer(16, 24, num_experts=6, top_k=top_k, chain_iterations=chain, shared_expert=shared)
+    layer = MoELayer(
+        16, 24, num_experts=6, top_k=top_k, chain_iterations=chain, shared_expert=shared, chain_norm_topk_prob=norm
+    )
     x = torch.randn(9, 16)
     y, state = layer(x)
     assert state is None
     assert rel_err(y, naive_moe(layer, x)) <= FP32_TOL
+
+
+def test_chain_uses_raw_topk_probabilities_by_default_like_the_reference():
+    """CoE reference (norm_topk_prob=false): iteration weights are the raw softmax probabilities;
+    renormalising them is an option and gives a different layer (checked against the naive CoE)."""
+    torch.manual_seed(0)
+    raw = MoELayer(16, 24, num_experts=6, top_k=4, chain_iterations=2)
+    normed = MoELayer(16, 24, num_experts=6, top_k=4, chain_iterations=2, chain_norm_topk_prob=True)
+    normed.load_state_dict(raw.state_dict())
+    x = torch.randn(9, 16)
+    y_raw, y_normed = raw(x)[0], normed(x)[0]
+    assert rel_err(y_raw, naive_moe(raw, x)) <= FP32_TOL
+    assert rel_err(y_normed, naive_moe(normed, x)) <= FP32_TOL
+    assert rel_err(y_raw, y_normed) > 0.01  # the two settings are different functions
 
 
 def test_chain_with_one_iteration_is_a_plain_moe_block():
@@ -262,9 +283,10 @@ def test_chain_with_one_iteration_is_a_plain_moe_block():
     assert rel_err(y, expected) <= FP32_TOL
 
 
-def test_layer_gradients_match_naive_reference():
+@pytest.mark.parametrize("norm", [False, True])
+def test_layer_gradients_match_naive_reference(norm):
     torch.manual_seed(0)
-    layer = MoELayer(8, 12, num_experts=4, top_k=2, chain_iterations=2, balance_coef=0.0)
+    layer = MoELayer(8, 12, num_experts=4, top_k=4, chain_iterations=2, balance_coef=0.0, chain_norm_topk_prob=norm)
     x = torch.randn(5, 8, requires_grad=True)
     layer(x)[0].pow(2).sum().backward()
     got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
@@ -319,8 +341,8 @@ def _train_step(checkpointing: bool, router: str, balance: str):
     tokens = torch.randint(0, 256, (1, 20), generator=g)
     bounds = [0, 7, 20]
     domains = torch.tensor([0] * 7 + [1] * 13)
-    logits = model(tokens, SPContext.single(20, bounds), domains_T=domains)
-    loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:]) + model.aux_loss()
+    logits, balance = model(tokens, SPContext.single(20, bounds), domains_T=domains)
+    loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:]) + balance.value()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return loss.detach(), grads, model.tracker.buffer_counts_SE.clone(), model.routing_metrics.summary()
@@ -344,8 +366,10 @@ def test_eval_forward_observes_metrics_but_no_loss_statistics():
     moe = MoEConfig(num_experts=4, top_k=2)
     model = build_model(_tiny(2), ParallelConfig(), moe, domain_names=("a",))
     with torch.no_grad():
-        model(torch.randint(0, 256, (1, 6)), SPContext.single(6), domains_T=torch.zeros(6, dtype=torch.long))
-    assert model.aux_loss().item() == 0.0
+        _, balance = model(
+            torch.randint(0, 256, (1, 6)), SPContext.single(6), domains_T=torch.zeros(6, dtype=torch.long)
+        )
+    assert balance.value().item() == 0.0
     assert model.tracker.buffer_tokens_S.sum() == 0
     assert model.routing_metrics.summary()["sites"][0]["tokens"] == 6
 
@@ -408,3 +432,38 @@ def test_bad_moe_config_names_the_field(field, value, match):
     setattr(moe, field, value)
     with pytest.raises(ConfigError, match=match):
         build_model(_tiny(), ParallelConfig(), moe)
+
+
+@pytest.mark.parametrize("balance", ["micro", "sequence", "global"])
+def test_balance_and_metrics_stay_on_the_routing_device(balance):
+    """On the ``meta`` device: a CPU tensor made by the tracker or the metrics would fail to mix
+    with the routing's, and a host read would raise (meta tensors hold no values)."""
+    meta = torch.device("meta")
+    metrics = RoutingMetrics(num_sites=2, num_experts=4, domain_names=("a", "b"))
+    tracker = BalanceTracker(num_experts=4, top_k=2, num_sites=2, balance=balance, z_loss_coef=1e-3, metrics=metrics)
+    logits = torch.empty(6, 4, device=meta, requires_grad=True)
+    long = {"dtype": torch.long, "device": meta}
+    tracker.begin_step()
+    tracker.begin_microbatch(
+        sequence=SequenceLayout(torch.zeros(6, **long), 2),
+        domains_T=torch.zeros(6, **long),
+        valid_T=torch.ones(6, dtype=torch.bool, device=meta),
+    )
+    for site in range(2):
+        tracker.record(site, route_topk(logits, 2))
+    loss = tracker.result().share(tokens=12.0, sequences=3.0)
+    assert loss.device == meta and tracker.buffer_counts_SE.device == meta
+    loss.backward()
+    assert logits.grad.device == meta and metrics.stats().device == meta
+
+
+def test_layer_runs_under_bf16_autocast():
+    """Experts compute in bf16 under autocast; the combine keeps the residual stream's dtype."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, num_experts=4, top_k=2)
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

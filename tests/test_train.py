@@ -107,7 +107,8 @@ def _loss_and_grads(ctx, plan_json: str, balance: str, ep_size: int):
     from types import SimpleNamespace
 
     from runtime.model import build_model
-    from runtime.train import build_engine, forward_backward
+    from runtime.step import train_step
+    from runtime.train import build_engine
 
     config = _config(balance=balance, ep_size=ep_size)
     torch.manual_seed(0)
@@ -115,9 +116,9 @@ def _loss_and_grads(ctx, plan_json: str, balance: str, ep_size: int):
     engine = build_engine(model, config)
     sequences, domains = _batch()
     batch = SimpleNamespace(sequences=sequences, domains=domains)
-    result = forward_backward(model, engine, ctx, StepPlan.from_json(plan_json), batch)
+    result = train_step(model, engine, ctx, StepPlan.from_json(plan_json), batch, update=False)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return result.loss_sum, result.aux_loss, grads
+    return result.loss, result.aux_loss, grads
 
 
 @pytest.mark.slow
@@ -134,11 +135,11 @@ def test_plan_invariance_of_loss_and_gradients(balance, ep_size):
         assert len(plans) >= 2
     runs = {name: run_on_ranks(W, _loss_and_grads, plan.to_json(), balance, ep_size) for name, plan in plans.items()}
     ref_name = next(iter(runs))
-    ref_loss = sum(r[0] for r in runs[ref_name])
-    ref_aux = sum(r[1] for r in runs[ref_name])
+    ref_loss, ref_aux = runs[ref_name][0][:2]  # train_step reduces over ranks: every rank has them
     for name, results in runs.items():
-        assert abs(sum(r[0] for r in results) - ref_loss) <= FP32_TOL * ref_loss, name
-        assert abs(sum(r[1] for r in results) - ref_aux) <= FP32_TOL * ref_aux, name
+        assert all(r[:2] == results[0][:2] for r in results), name
+        assert abs(results[0][0] - ref_loss) <= FP32_TOL * ref_loss, name
+        assert abs(results[0][1] - ref_aux) <= FP32_TOL * ref_aux, name
         # the engine leaves the summed gradient on every rank (experts: on every rank holding them)
         for rank_result, ref_result in zip(results, runs[ref_name], strict=True):
             for pname, g in ref_result[2].items():
@@ -150,9 +151,10 @@ def test_checkpoint_checks_detect_partial_and_corrupt(tmp_path):
     good = tmp_path / "step_000002"
     good.mkdir()
     (good / "rank0.pt").write_bytes(b"abc")
-    import zlib
+    import hashlib
 
-    manifest = {"step": 2, "world_size": 1, "files": {"rank0.pt": {"bytes": 3, "crc32": zlib.crc32(b"abc")}}}
+    sha = hashlib.sha256(b"abc").hexdigest()
+    manifest = {"step": 2, "world_size": 1, "files": {"rank0.pt": {"bytes": 3, "sha256": sha}}}
     (good / "manifest.json").write_text(json.dumps(manifest))
     newer = tmp_path / "step_000004"
     newer.mkdir()
