@@ -215,12 +215,16 @@ def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> flo
 
 
 def _step_overhead_ms(ctx, config: Config, length: int, repeats: int) -> float:
-    """Slowest rank's median extra ms of a step's last micro-batch (gradient reduction,
-    optimizer step, balance reset) over an inner one, every rank running one ``length``-token
-    sequence through a DeepSpeed engine, as training does (runtime.train)."""
+    """Slowest rank's median ms a step pays whatever its plan, every rank running one
+    ``length``-token sequence through a DeepSpeed engine as training does (runtime.step.train_step):
+    the last micro-batch's extra time over an inner one (the gradient reduction at the
+    accumulation boundary) plus what follows the backward passes (the metrics all-reduce and
+    the optimizer step)."""
+    from types import SimpleNamespace
+
     from planner.plan import Group, MicroBatch, StepPlan
-    from runtime.step import run_plan
-    from runtime.train import build_engine, optimizer_step
+    from runtime.step import run_plan, train_step
+    from runtime.train import build_engine
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world, seed=config.train.seed)
@@ -234,36 +238,39 @@ def _step_overhead_ms(ctx, config: Config, length: int, repeats: int) -> float:
         solve_time_s=0.0,
     )
     g = torch.Generator().manual_seed(length)
-    sequences = [torch.randint(0, model.config.vocab_size, (length,), generator=g) for _ in range(W)]
+    batch = SimpleNamespace(
+        sequences=[torch.randint(0, model.config.vocab_size, (length,), generator=g) for _ in range(W)],
+        domains=[0] * W,
+    )
 
-    def timed(work) -> float:
+    def inner_backward(loss: torch.Tensor, _: bool) -> None:
+        engine.set_gradient_accumulation_boundary(False)
+        engine.backward(loss * W, scale_wrt_gas=False)
+
+    def timed(work) -> tuple[float, float]:
         if W > 1:
             dist.barrier(group=ctx.world)
         start = time.perf_counter()
-        work()
+        inside = work()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        return _slowest(ctx, time.perf_counter() - start)
+        return _slowest(ctx, time.perf_counter() - start), _slowest(ctx, inside)
 
-    def micro_batch(last: bool) -> None:
-        def backward(loss: torch.Tensor, _: bool) -> None:
-            engine.set_gradient_accumulation_boundary(last)
-            engine.backward(loss * W, scale_wrt_gas=False)
-
-        run_plan(model, ctx, plan, sequences, [0] * W, forward=engine, backward=backward)
-
-    def step() -> None:
-        optimizer_step(engine, ctx, config.train.zero_stage, config.moe.ep_size)
-        model.end_step()
+    def inner() -> float:
+        if model.tracker is not None:
+            model.tracker.begin_step()
+        run_plan(model, ctx, plan, batch.sequences, batch.domains, forward=engine, backward=inner_backward)
+        return 0.0
 
     reduction, update = [], []
     for rep in range(repeats + 1):
-        inner, last, stepped = timed(lambda: micro_batch(False)), timed(lambda: micro_batch(True)), timed(step)
+        inner_s, _ = timed(inner)
+        step_s, fwd_bwd_s = timed(lambda: train_step(model, engine, ctx, plan, batch).forward_backward_s)
         if rep:  # the first step builds the optimizer state
-            reduction.append((last - inner) * 1e3)
-            update.append(stepped * 1e3)
+            reduction.append((fwd_bwd_s - inner_s) * 1e3)
+            update.append((step_s - fwd_bwd_s) * 1e3)
     # the reduction is a difference of two timings: noise can make it negative on a tiny model
-    return max(0.0, statistics.median(reduction)) + statistics.median(update)
+    return max(0.0, statistics.median(reduction)) + max(0.0, statistics.median(update))
 
 
 def _activation_mb_per_token(model, length: int, device) -> float:
