@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # The main job: see README "Quickstart".
+# resume=auto: a second `make run` continues runs/tiny-cpu (or says it is done) instead of
+# refusing to write a fresh run over the first one's history (a run folder belongs to one run)
 run: install
-	$(BIN)/seqmoe launch configs/tiny-cpu.toml
+	$(BIN)/seqmoe launch configs/tiny-cpu.toml --train.resume=auto
 
 # The whole suite, multi-process cases included (CI runs this through .ci/run).
 test: install

@@ -188,14 +188,18 @@ def _quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch) -> dict:
+def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch, step: int) -> dict:
+    from runtime.lr_schedule import lr_at
     from runtime.step import train_step
+
+    t = config.train
+    lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.steps)
 
     W = ctx.world_size
     dist.barrier(group=ctx.world)
     with comm.CommMeter() as meter:
         start, cpu = time.perf_counter(), time.process_time()
-        result = train_step(model, engine, ctx, plan, batch)
+        result = train_step(model, engine, ctx, plan, batch, lr=lr)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     sent = meter.total_bytes_sent
     times = torch.zeros(W, 4, dtype=torch.float64)
@@ -245,7 +249,7 @@ def _worker(rank: int, world: int, store: str, job: dict, out_queue) -> None:
         for policy in names[step % len(names) :] + names[: step % len(names)]:
             model, engine = runs[policy]
             plan = StepPlan.from_json(job["plans"][policy][step])
-            measured = _measure_step(ctx, model, engine, config, plan, batch)
+            measured = _measure_step(ctx, model, engine, config, plan, batch, step)
             if rank == 0:
                 measured.update(step=step, policy=policy)
                 rows.append(measured)

@@ -29,7 +29,7 @@ adaptive SP pays for a hybrid LASP-2 / LASP-2H + MoE model.
 
 Paper, for reference (measured, not predicted): up to 1.98x vs Megatron-LM, 1.72x vs
 DeepSpeed-Ulysses, and up to 1.42x from mixing degrees within a batch (vs BatchAda).
-Writes planner.json and planner.png under --out-dir (default benchmarks/out/planner; pass
+Writes planner.json and planner.png under --out-dir (default runs/bench/, git-ignored; pass
 ``--out-dir benchmarks/results`` to update the committed results).
 """
 
@@ -48,7 +48,7 @@ from pathlib import Path
 # sys.path[0] is this script's folder, where this file would shadow the planner package
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import DEFAULT_OUT_DIR, machine_info, write_json  # noqa: E402
 from planner import plan_step  # noqa: E402
 from planner.baselines import batch_adaptive, smallest_static_degree, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
@@ -57,7 +57,6 @@ from planner.megatron_dcp import megatron_dynamic_cp  # noqa: E402
 
 COST_MODELS = CostModel.presets()
 DISTRIBUTIONS = ["wikipedia", "github", "commoncrawl"]
-DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "planner"
 
 
 def _package_version(name: str) -> str:
@@ -339,8 +338,8 @@ def main() -> None:
     parser.add_argument(
         "--out-dir",
         type=Path,
-        default=DEFAULT_OUT,
-        help="folder for the JSON and PNG results (default benchmarks/out/planner, git-ignored; pass "
+        default=DEFAULT_OUT_DIR,
+        help="folder for the JSON and PNG results (default runs/bench/, git-ignored; pass "
         "--out-dir benchmarks/results to update the committed results)",
     )
     args = parser.parse_args()

@@ -55,13 +55,15 @@ def launch(
     script_name: str = "launch.sbatch",
     wait: bool = False,
     dry_run: bool = False,
+    verbose: bool = True,
 ) -> int:
     """Run ``program`` on ``launch.nnodes × launch.nproc_per_node`` ranks; the exit status of the job.
 
     torchrun and mpirun run here and block until the job ends. Slurm writes
     ``<run dir>/<script_name>`` and submits it only with ``launch.submit = true`` (then
     ``wait`` blocks until the job ends, as ``sbatch --wait``). ``dry_run`` prints what would
-    run (and writes the sbatch script) without starting anything.
+    run (and writes the sbatch script) without starting anything. ``verbose=False`` runs torchrun
+    through launchers/quiet.py (no log lines, no ChildFailedError traceback).
     """
     from launchers import mpirun, slurm, torchrun
 
@@ -74,11 +76,14 @@ def launch(
     if settings.launcher == "torchrun":
         command = torchrun.torchrun_command(settings, program)
         extra_env = torchrun.TORCHRUN_ENV
+        if not verbose:
+            command = [command[0], "-m", "launchers.quiet", *command[2:]]
     else:
         command = mpirun.mpirun_command(settings, program)
         extra_env = mpirun.mpirun_env(settings)
     assignments = [f"{name}={value}" for name, value in extra_env.items()]
-    print(f"seqmoe launch: {shlex.join(assignments + command)}", file=sys.stderr, flush=True)
+    if verbose or dry_run or settings.launcher != "torchrun":  # quiet applies to torchrun
+        print(f"seqmoe launch: {shlex.join(assignments + command)}", file=sys.stderr, flush=True)
     return 0 if dry_run else run_command(command, env=os.environ | extra_env if extra_env else None)
 
 

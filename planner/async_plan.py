@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
+import signal
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +33,13 @@ from planner.plan import StepPlan
 from planner.solver import plan_step
 
 __all__ = ["AsyncPlanner", "PlanningError"]
+
+
+def _ignore_interrupts() -> None:
+    """Pool initializer: a terminal's Ctrl-C reaches the whole process group, the worker included;
+    only the trainer acts on it (runtime/signals.py), so the worker must not die with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class PlanningError(RuntimeError):
@@ -60,7 +68,10 @@ class AsyncPlanner:
         self._pool: Executor
         if executor == "process":
             # spawn, not fork: the parent may hold torch / NCCL threads that a fork would copy broken.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            # the worker ignores Ctrl-C and SIGTERM: the trainer finishes its step and shuts it down
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts
+            )
         else:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner")
         self._futures: dict[int, Future] = {}

@@ -86,7 +86,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep: int) -> Path:
+def save_checkpoint(
+    engine, ctx: ParallelContext, root: Path, step: int, *, keep: int, meta: dict | None = None
+) -> Path:
     """Write checkpoint ``step`` (the number of finished steps) atomically; keep the last ``keep``.
     Raises CheckpointError on every rank when any rank could not write its part."""
     name = f"step_{step:06d}"
@@ -116,7 +118,7 @@ def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep
         failed = failures[0] if failures else None
         if failed is None and ctx.rank == 0:
             try:
-                _publish(tmp, final, step, ctx.world_size)
+                _publish(tmp, final, step, ctx.world_size, meta)
             except OSError as exc:
                 failed = f"rank 0: {exc}"
         failed = _from_rank0(ctx, failed)
@@ -137,10 +139,11 @@ def save_checkpoint(engine, ctx: ParallelContext, root: Path, step: int, *, keep
     return final
 
 
-def _publish(tmp: Path, final: Path, step: int, world_size: int) -> None:
+def _publish(tmp: Path, final: Path, step: int, world_size: int, meta: dict | None = None) -> None:
     """Hash every file, write the manifest, and rename ``tmp`` to ``final``, each step on the disk."""
     files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(tmp)}
-    manifest = {"step": step, "world_size": world_size, "hash": "sha256", "files": files}
+    # meta (run_dir.checkpoint_meta: ZeRO stage, model shape) lets a resume check the fit first
+    manifest = {**(meta or {}), "step": step, "world_size": world_size, "hash": "sha256", "files": files}
     with (tmp / MANIFEST).open("w") as f:
         f.write(json.dumps(manifest, indent=1))
         f.flush()

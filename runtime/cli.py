@@ -7,11 +7,16 @@ overrides (``seqmoe config --config configs/tiny-cpu.toml --train.steps=20``).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
+from launchers.errors import ERROR_DIR_ENV, first_error, write_error
 from runtime import __version__
 from runtime.cli_io import register as register_io_commands
 from runtime.config import ConfigError, load_config, to_toml
@@ -19,6 +24,8 @@ from runtime.config import ConfigError, load_config, to_toml
 # Exit code of a subcommand whose feature has not landed yet: distinct from success (0),
 # failure (1) and usage errors (2), so scripts can tell them apart.
 EXIT_NOT_AVAILABLE = 3
+# set by `seqmoe launch --verbose` for its ranks: tracebacks with the one-line errors
+VERBOSE_ENV = "SEQMOE_VERBOSE"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_SUITES = {
@@ -40,11 +47,41 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _error(command: str, message: str, code: int, *, verbose: bool = False) -> int:
+    """One line for the user: on stderr, or (a rank of `seqmoe launch`) in the job's error folder,
+    from which the launcher prints it once. ``verbose`` adds the traceback."""
+    line = f"seqmoe {command}: {message}"
+    if verbose:
+        traceback.print_exc()
+    if not write_error(line, code) or verbose:
+        print(line, file=sys.stderr, flush=True)
+    return code
+
+
+def os_error_message(exc: OSError) -> str:
+    """A failed write or read as one line: which file, what the system said, what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device{where}; what was written before is intact: free some space, then resume "
+            "with --train.resume=auto (or use --train.run_dir on another disk)"
+        )
+    return f"{exc.strerror or exc}{where}"
+
+
 def _cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     from runtime.tokenizer import check_vocab_size
 
     config = load_config(args.config, overrides)
     check_vocab_size(config.data.tokenizer, config.model.vocab_size)  # a tokenizer file and the model agree
+    from runtime.data import DataError
+    from runtime.preflight import preflight
+
+    try:
+        # what `seqmoe train` checks before its first step; the TOML stays clean on stdout
+        preflight(config, report=lambda line: print(f"# {line}", file=sys.stderr))
+    except DataError as exc:
+        return _error("config", str(exc), 1)
     print(to_toml(config), end="")
     return 0
 
@@ -56,16 +93,30 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from launchers.env import LaunchEnvError
     from runtime.checkpoint import CheckpointError
     from runtime.data import DataError
+    from runtime.preflight import early_checks
+    from runtime.signals import EXIT_INTERRUPTED, Interrupted
+
+    verbose = args.verbose or os.environ.get(VERBOSE_ENV) == "1"
+    try:
+        early_checks(config)  # seconds, before DeepSpeed is imported
+    except DataError as exc:
+        return _error("train", str(exc), 1, verbose=verbose)
     from runtime.train import TrainingError, main_train
     from runtime.watchdog import StepHangError
 
     try:
         return main_train(config)
+    except Interrupted as exc:
+        return _error("train", str(exc), EXIT_INTERRUPTED)
     except (TrainingError, DataError, LaunchEnvError, CheckpointError, StepHangError) as exc:
         # bad data, a launcher environment that does not add up, an impossible batch: the
         # message names the problem and the fix, a traceback would only hide it
-        print(f"seqmoe train: {exc}", file=sys.stderr)
-        return 1
+        return _error("train", str(exc), 1, verbose=verbose)
+    except OSError as exc:  # a full disk, a folder that became unwritable
+        return _error("train", os_error_message(exc), 1, verbose=verbose)
+    except KeyboardInterrupt:
+        message = "stopped at once by a repeated signal; resume from the last checkpoint with --train.resume=auto"
+        return _error("train", message, 130, verbose=verbose)
 
 
 def _cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -85,11 +136,30 @@ def _cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
         program, script_name = check_program(out_dir, world_size), "check.sbatch"
     else:
         program, script_name = train_program(config_path, overrides), "launch.sbatch"
+    if config.launch.launcher == "slurm" or args.dry_run:  # Slurm's ranks may not see this machine's /tmp
+        try:
+            return launch(config, program, script_name=script_name, wait=args.wait, dry_run=args.dry_run)
+        except LaunchError as exc:
+            print(f"seqmoe launch: {exc}", file=sys.stderr)
+            return 1
+    errors = tempfile.mkdtemp(prefix="seqmoe-errors-")
+    os.environ[ERROR_DIR_ENV] = errors  # the ranks write their one line here (launchers/errors.py)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
-        return launch(config, program, script_name=script_name, wait=args.wait, dry_run=args.dry_run)
+        code = launch(config, program, script_name=script_name, wait=args.wait, verbose=args.verbose)
+        record = first_error(errors)
     except LaunchError as exc:
         print(f"seqmoe launch: {exc}", file=sys.stderr)
         return 1
+    finally:
+        os.environ.pop(ERROR_DIR_ENV, None)
+        os.environ.pop(VERBOSE_ENV, None)
+    shutil.rmtree(errors, ignore_errors=True)
+    if record is None:
+        return code
+    print(record["message"], file=sys.stderr, flush=True)
+    return int(record["code"]) or code or 1
 
 
 def _add_launch_args(launch: argparse.ArgumentParser) -> None:
@@ -106,6 +176,9 @@ def _add_launch_args(launch: argparse.ArgumentParser) -> None:
     )
     launch.add_argument(
         "--dry-run", action="store_true", help="print the command (slurm: write the sbatch script) and start nothing"
+    )
+    launch.add_argument(
+        "--verbose", action="store_true", help="torchrun's own logs, and every rank's errors with their tracebacks"
     )
 
 
@@ -149,6 +222,9 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
             file=sys.stderr,
         )
 
+    if args.plot is not None and (problem := _unwritable(args.plot)):
+        print(f"seqmoe plan: --plot {args.plot}: {problem}; give a PNG path in a folder you can write", file=sys.stderr)
+        return 2
     spec = DryRunSpec(
         lengths_file=args.lengths_file,
         distribution=args.distribution or "wikipedia",
@@ -166,6 +242,21 @@ def _cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"seqmoe plan: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (checked before any work), or None. Missing
+    folders are fine (they are created), unless what stands in their place is a file."""
+    if path.is_dir():
+        return "is a folder"
+    folder = path.parent if str(path.parent) else Path(".")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
 
 
 def _add_plan_args(plan: argparse.ArgumentParser) -> None:
@@ -244,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on the ranks of this launch (run under `seqmoe launch` or torchrun)")
     train.add_argument("config_file", nargs="?", metavar="CONFIG", help="TOML preset (same as --config PATH)")
     _add_config_args(train)
+    train.add_argument("--verbose", action="store_true", help="print tracebacks with the one-line errors")
     train.set_defaults(handler=_cmd_train, takes_overrides=True)
 
     launch = sub.add_parser(
@@ -324,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, overrides)
     except ConfigError as exc:
-        print(f"seqmoe {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _error(args.command, str(exc), 2, verbose=getattr(args, "verbose", False))
 
 
 if __name__ == "__main__":

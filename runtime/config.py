@@ -128,11 +128,14 @@ class TrainConfig:
     log_every: int = 1
     run_dir: str = "runs/{name}"
     """Output folder; {name} is replaced by the config's name."""
-    checkpoint_every: int = 0
-    """0 = only at the end."""
+    checkpoint_every: int = 25
+    """Steps between checkpoints (0 = only at the end); SIGINT/SIGTERM also save one before stopping."""
     keep_checkpoints: int = 2
     resume: str = ""
     """'' = start fresh, 'auto' = the latest valid checkpoint in run_dir, or a checkpoint path."""
+    overwrite: bool = False
+    """A fresh run into a run_dir that holds another run's history moves that history into
+    ``run_dir/overwritten-<time>/`` first; without it such a run refuses to start."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
 
@@ -223,8 +226,10 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             fail(path, value, "expected an integer")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             fail(path, value, "expected a number")
+        if not math.isfinite(value):
+            fail(path, value, "expected a finite number (no inf or nan)")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -305,9 +310,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"config file {str(path)!r} does not exist; presets live in configs/ (e.g. configs/tiny-cpu.toml)"
             )
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            bad = exc.object[exc.start : exc.start + 1]
+            raise ConfigError(
+                f"config file {str(path)!r} is not UTF-8 text (byte {exc.start} is {bad!r}); TOML files must be "
+                "UTF-8: re-save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror})") from None
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

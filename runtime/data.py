@@ -216,7 +216,13 @@ def _jsonl_corpus(path: str, text_key: str = "text") -> _Corpus:
                 raise DataError(f"{where}: field {json.dumps(text_key)} is {found}{hint}")
             if not isinstance(domain, str):
                 raise DataError(f'{where}: field "domain" must be a string, got {type(domain).__name__}')
-            chunks.append(text.encode("utf-8"))
+            try:
+                chunks.append(text.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise DataError(
+                    f'{where}: field "text" holds a lone surrogate {text[exc.start]!r} (an unpaired \\ud800-\\udfff '
+                    "escape), which is not Unicode text; fix or drop that line"
+                ) from None
             domains.append(domain_ids.setdefault(domain, len(domain_ids)))
             line_numbers.append(line_number)
     if not chunks:
@@ -237,12 +243,14 @@ def _megatron_corpus(prefix: str) -> _Corpus:
         header = stream.read(17)
     if header[:9] != b"MMIDIDX\x00\x00" or int.from_bytes(header[9:], "little") != 1:
         raise DataError(f"{idx_path} is not a Megatron index file (no version-1 MMIDIDX header)")
+    _check_index_size(idx_path)
     # megatron.core takes ~5 s to import (so only Megatron runs pay for it) and warns about
     # optional GPU packages and deprecations of modules that reading data does not use
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    error = None
     try:
         dataset = IndexedDataset(prefix, mmap=True)
         sequence_lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
@@ -250,7 +258,9 @@ def _megatron_corpus(prefix: str) -> _Corpus:
         pointers = np.asarray(dataset.index.sequence_pointers, dtype=np.int64)
         dtype = np.dtype(dataset.index.dtype)
     except Exception as exc:  # megatron reports corruption with asserts and numpy/struct errors
-        raise DataError(f"cannot read Megatron dataset {idx_path} + {bin_path}: {type(exc).__name__}: {exc}") from None
+        error = f"cannot read Megatron dataset {idx_path} + {bin_path}: {type(exc).__name__}: {exc}"
+    if error is not None:
+        raise DataError(error)
     if dtype.kind not in "iu":
         raise DataError(f"Megatron dataset {idx_path} stores {dtype} values; token ids must be integers")
     itemsize = dtype.itemsize
@@ -277,6 +287,24 @@ def _megatron_corpus(prefix: str) -> _Corpus:
         ("text",),
         lambda i: f"document {i} of Megatron dataset {prefix!r}",
     )
+
+
+def _check_index_size(idx_path: Path) -> None:
+    """A version-1 index is a 34-byte header (magic, version, dtype code, sequence and document
+    counts), int32 lengths and int64 pointers per sequence, int64 document starts. Checked before
+    megatron reads it: on a short file its IndexedDataset fails, then fails again in ``__del__``."""
+    size = idx_path.stat().st_size
+    with idx_path.open("rb") as stream:
+        header = stream.read(34)
+    if len(header) < 34:
+        raise DataError(f"{idx_path} is truncated ({size} bytes, shorter than its header); rebuild the dataset")
+    sequences, documents = int.from_bytes(header[18:26], "little"), int.from_bytes(header[26:34], "little")
+    need = 34 + 12 * sequences + 8 * documents
+    if size < need:
+        raise DataError(
+            f"{idx_path} is truncated: {size} bytes, its header says {sequences} sequences and {documents} document "
+            f"starts ({need} bytes); rebuild the dataset (megatron's preprocess_data.py)"
+        )
 
 
 # Length policy, validation split, batches.

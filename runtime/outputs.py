@@ -5,18 +5,33 @@ plan.png, config.toml; and GPU telemetry through nvml when a GPU exists.
 ``tokens``, ``step_time_s`` and a ``plan`` summary (DESIGN.md), plus ``aux_loss``, ``lr``,
 ``tokens_per_s``, ``skipped``, the MoE routing summary under ``moe`` and ``eval_loss`` on
 evaluation steps. Lines are appended and flushed every step, so a killed run keeps its history;
-a resumed run first drops the lines of steps it is about to redo.
+a resumed run first drops the lines of steps it is about to redo (and TensorBoard purges
+its events from the resume step on). Nothing is left half-written: the rewritten
+metrics.jsonl and the plots go to a temporary file that replaces the old one, and an append
+that fails (a full disk) is cut back to the last whole line before the error is raised.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from planner.plan import StepPlan
 
-__all__ = ["RunOutputs", "gpu_telemetry", "plan_summary"]
+__all__ = ["RunOutputs", "atomic_write", "gpu_telemetry", "plan_summary"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: ``path`` is the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plan_summary(plan: StepPlan) -> dict:
@@ -70,30 +85,35 @@ class RunOutputs:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.rows = self._kept_rows(start_step)
-        with self.metrics_path.open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        # a resumed run keeps the rows of the steps before it; nothing is held in memory after
+        # this (a long run's rows would grow rank 0's RSS): the plots read the file back
+        kept = [row for row in self._read_rows() if start_step and row.get("step", start_step) < start_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.metrics_path, lambda tmp: tmp.write_text(text))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        # purge_step: a resumed run's re-run steps replace the old events instead of doubling them
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 
-    def _kept_rows(self, start_step: int) -> list[dict]:
-        if not self.metrics_path.exists() or start_step == 0:
+    def _read_rows(self) -> list[dict]:
+        if not self.metrics_path.exists():
             return []
         rows = []
         for line in self.metrics_path.read_text().splitlines():
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except ValueError:
                 continue  # a line cut by a kill mid-write
-            if row.get("step", start_step) < start_step:
-                rows.append(row)
         return rows
 
     def log(self, row: dict) -> None:
-        self.rows.append(row)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with self.metrics_path.open("ab", buffering=0) as f:
+            size = f.tell()
+            try:
+                f.write((json.dumps(row) + "\n").encode())
+            except OSError:
+                f.truncate(size)  # a full disk must not leave half a line
+                raise
         step = row["step"]
         for key in ("loss", "aux_loss", "grad_norm", "tokens_per_s", "step_time_s", "lr", "eval_loss"):
             if isinstance(row.get(key), int | float):
@@ -114,7 +134,7 @@ class RunOutputs:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rows if not r.get("skipped")]
+        rows = [r for r in self._read_rows() if not r.get("skipped")]
         if not rows:
             return
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -127,8 +147,7 @@ class RunOutputs:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(self.run_dir / "loss.png", dpi=120)
-        plt.close(fig)
+        _savefig(fig, self.run_dir / "loss.png")
 
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         steps = [r["step"] for r in rows]
@@ -147,5 +166,13 @@ class RunOutputs:
         bottom.set_ylabel("seconds")
         bottom.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(self.run_dir / "plan.png", dpi=120)
+        _savefig(fig, self.run_dir / "plan.png")
+
+
+def _savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
         plt.close(fig)

@@ -32,6 +32,7 @@ from parallel.context import ParallelContext
 from parallel.sp_context import SPContext
 from planner.plan import Group as PlanGroup
 from planner.plan import StepPlan
+from runtime.lr_schedule import set_lr
 from runtime.model import HybridLM, LMOutput
 
 __all__ = [
@@ -196,20 +197,31 @@ class TrainStepResult:
 
 
 def train_step(
-    model: HybridLM, engine, ctx: ParallelContext, plan: StepPlan, batch, *, update: bool = True
+    model: HybridLM,
+    engine,
+    ctx: ParallelContext,
+    plan: StepPlan,
+    batch,
+    *,
+    update: bool = True,
+    lr: float | None = None,
 ) -> TrainStepResult:
     """One training step of ``batch`` (``.sequences``, ``.domains``) under ``plan``, through the
     DeepSpeed ``engine``: the balance GA buffer is emptied, every micro-batch runs forward and
     backward, the optimizer steps (skipped on a non-finite gradient), and the step's loss sums,
     token count, expert-gradient norm piece and routing metrics travel in **one** all-reduce and
     one host read. ``update=False`` stops after the backward passes and leaves the summed
-    gradients in place (the plan-invariance tests compare them); grad_norm is then nan.
+    gradients in place (the plan-invariance tests compare them); grad_norm is then nan. ``lr``:
+    the rate this step trains at (``runtime.lr_schedule.lr_at``), set on every parameter group
+    before the update; None keeps the optimizer's.
 
     The engine averages gradients over ranks; our per-rank losses are shares of one global loss
     whose gradients must be *summed*, hence the factor world_size. The plan decides the number of
     micro-batches, so the accumulation boundary is marked here, not counted by DeepSpeed."""
     if model.tracker is not None:
         model.tracker.begin_step()
+    if lr is not None:
+        set_lr(engine.optimizer, lr)
 
     def backward(loss: Tensor, last: bool) -> None:
         engine.set_gradient_accumulation_boundary(last)

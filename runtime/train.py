@@ -7,10 +7,13 @@ One step, as DESIGN.md draws it: the data gives step i's global batch (it depend
 seed and i); rank 0's planner has already planned it while step i-1 trained and broadcasts the
 plan; each rank runs the plan's micro-batches with the plan's SP groups (runtime/step.py); the
 DeepSpeed engine sums gradients over all ranks (experts over their expert-data-parallel group),
-clips, and steps AdamW with a warmup-cosine schedule (``runtime.step.train_step``: the MoE
-balance buffer is emptied as the step begins, losses stay on the device until the step's one
-reduction); rank 0 logs. A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2 skip it inside
-the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
+clips, and steps AdamW at the rate runtime/lr_schedule.py gives that step (warmup, then
+cosine) (``runtime.step.train_step``: the MoE balance buffer is emptied as the step begins,
+losses stay on the device until the step's one reduction); rank 0 logs. Before the first step,
+runtime/preflight.py and runtime/run_dir.py check the settings, files and run folder and take
+the folder's lock; a SIGINT or SIGTERM ends the run after the current step with a checkpoint
+(runtime/signals.py). A step whose loss or gradient norm is not finite is skipped (ZeRO-1/2
+skip it inside the engine), reported, and the run stops after ``train.max_bad_steps`` in a row.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from planner.baselines import batch_adaptive, static_sp
 from planner.cost import CostModel
 from planner.cost_spec import CostSpecError, resolve_cost
 from planner.plan import StepPlan
-from runtime.checkpoint import load_checkpoint, save_checkpoint
+from runtime.checkpoint import load_checkpoint
 from runtime.config import Config, ConfigError, to_toml
 from runtime.data import build_dataset
+from runtime.lr_schedule import lr_at
 from runtime.model import HybridLM, build_model
 from runtime.outputs import RunOutputs, gpu_telemetry, plan_summary
+from runtime.preflight import check_data
 from runtime.progress import Progress
+from runtime.run_dir import RunFolder
 from runtime.startup import startup_lines
 from runtime.step import evaluate_plan, train_step
 from runtime.watchdog import StepWatchdog
@@ -77,8 +83,8 @@ def resolve_cost_model(config: Config, world_size: int) -> CostModel:
 
 
 def build_engine(model: HybridLM, config: Config):
-    """DeepSpeed engine: AdamW (MoE parameters in their own groups), warmup-cosine LR, clipping,
-    ZeRO stage ``train.zero_stage``."""
+    """DeepSpeed engine: AdamW (MoE parameters in their own groups), clipping, ZeRO stage
+    ``train.zero_stage``. No DeepSpeed scheduler: the loop sets each step's rate (lr_schedule.py)."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -97,17 +103,6 @@ def build_engine(model: HybridLM, config: Config):
         "gradient_accumulation_steps": 1,  # the plan decides micro-batches; we mark the boundary
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(t.steps, t.warmup_steps + 1),
-                # DeepSpeed needs >= 1 warmup step; no warmup = that step already at the full rate
-                "warmup_num_steps": max(t.warmup_steps, 1),
-                "warmup_min_ratio": 0.0 if t.warmup_steps else 1.0,
-                "cos_min_ratio": t.min_lr / t.lr,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -207,7 +202,8 @@ def train(config: Config, *, report=print, on_step_start=None) -> dict:
     )
     watch = StepWatchdog(ctx, config.parallel.timeout_s, on_begin=on_step_start)
     try:
-        return _train(ctx, config, report, watch)
+        with RunFolder(ctx, config, report) as folder:  # preflight, the folder's lock, what to resume
+            return _train(ctx, config, report, watch, folder)
     except RuntimeError as exc:  # a collective that timed out: say which rank, at which step
         hang = watch.explain(exc)
         if hang is None:
@@ -217,10 +213,11 @@ def train(config: Config, *, report=print, on_step_start=None) -> dict:
         ctx.destroy()  # also on errors: a caller in the same process may start another job
 
 
-def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) -> dict:
+def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog, folder: RunFolder) -> dict:
     t = config.train
     torch.manual_seed(t.seed)  # identical non-expert parameters on every rank
     dataset = build_dataset(config.data, vocab_size=config.model.vocab_size)
+    check_data(config, dataset)
     cost = resolve_cost_model(config, ctx.world_size)
     _check_fits(dataset, cost, ctx.world_size, config.data.long_sequence_policy)
     model = build_model(
@@ -236,11 +233,7 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
             report(line)
     engine = build_engine(model, config)
     run_dir = config.resolved_run_dir
-    # a torchrun elastic restart (a rank died) resumes from the last checkpoint by itself
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = t.resume or ("auto" if restarted else "")
-    if restarted and ctx.rank == 0:
-        report(f"elastic restart #{os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming from the last checkpoint")
+    resume = folder.checkpoint  # checked against this job by RunFolder (a restart resumes by itself)
     start = load_checkpoint(engine, ctx, resume, run_dir / "checkpoints", report) if resume else 0
     out = RunOutputs(run_dir, start_step=start) if ctx.rank == 0 else None
     if out is not None:
@@ -252,9 +245,10 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
         for step in range(start, t.steps):
             watch.begin(step)
             began = time.perf_counter()
+            lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps, total=t.steps)
             batch = dataset.train_batch(step, t.seed)
             plan = planner.plan(step, t.steps)
-            result = train_step(model, engine, ctx, plan, batch)
+            result = train_step(model, engine, ctx, plan, batch, lr=lr)
             loss, grad_norm, skipped = result.loss, result.grad_norm, result.skipped
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
             step_time = time.perf_counter() - began
@@ -266,7 +260,7 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
                 "tokens": result.tokens,
                 "step_time_s": step_time,
                 "tokens_per_s": result.tokens / step_time,
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "skipped": skipped,
                 "plan": plan_summary(plan),
             }
@@ -286,8 +280,10 @@ def _train(ctx: ParallelContext, config: Config, report, watch: StepWatchdog) ->
                     "lower train.lr, raise train.warmup_steps or check the data"
                 )
             every = t.checkpoint_every
-            if (every and (step + 1) % every == 0) or step + 1 == t.steps:
-                save_checkpoint(engine, ctx, run_dir / "checkpoints", step + 1, keep=t.keep_checkpoints)
+            saved = bool(every and (step + 1) % every == 0) or step + 1 == t.steps
+            if saved:
+                folder.save(engine, step + 1)
+            folder.after_step(engine, step, saved=saved)  # a SIGINT/SIGTERM: checkpoint, then stop
     finally:
         planner.close()
         if ctx.rank == 0:
@@ -316,7 +312,11 @@ def _evaluate(model: HybridLM, ctx: ParallelContext, dataset, planner: StepPlann
 def main_train(config: Config) -> int:
     """Entry point of ``seqmoe train`` (after the config is loaded)."""
     row = train(config)
-    if row and int(os.environ.get("RANK", "0")) == 0:
-        path = Path(config.resolved_run_dir)
+    path = Path(config.resolved_run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if row:
         print(f"done: step {row['step']} loss {row['loss']:.4f}; outputs in {path}")
+    else:  # resumed from a checkpoint at or past train.steps
+        print(f"nothing to do: {path} has already trained train.steps={config.train.steps}; raise --train.steps")
     return 0

@@ -114,7 +114,7 @@ BENCHMARKS = ["sp_ops", "planner", "moe", "e2e", "projection", "linear_kernels",
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmarks_default_to_an_uncommitted_out_dir(name):
     """Trying a benchmark never overwrites the committed benchmarks/results/: the default --out-dir
-    is git-ignored (runs/bench/; the planner's benchmarks/out/planner), and the committed folder
+    is git-ignored (runs/bench/), and the committed folder
     is written only when named."""
     import subprocess
     import sys

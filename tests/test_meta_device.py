@@ -49,7 +49,7 @@ def test_dense_model_forward_backward_on_meta(decay, linear_sp, checkpointing):
     valid_T = torch.arange(T) < BOUNDS[-2]  # host data, as the runtime knows it
     sp = SPContext.single(T, BOUNDS, device=META, valid_T=valid_T)
     assert sp.positions_T.device == META and sp.cu_seqlens.device == META and sp.valid_T.device == META
-    logits = model(tokens, sp)
+    logits, _ = model(tokens, sp)
     assert logits.shape == (1, T, model.config.vocab_size) and logits.device == META
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100, reduction="sum")
     loss.backward()
