@@ -32,7 +32,9 @@ optimizer part, SP/MoE communication bytes per step on the busiest rank (``CommM
 DeepSpeed gradient reduction is not metered and is the same for every plan), planner solve time
 (every plan is made in this process before training starts, while no rank runs, as the
 runtime's background planner would with a core of its own; "overlappable" = it finishes within
-the previous step's time), and the cost model's error: predicted / measured - 1. The step-0
+the previous step's time), and the cost model's error: predicted / measured - 1, of the
+micro-batches' time against the measured forward + backward, and of the whole step (with the
+cost model's per-step term step_ms, measured by `seqmoe profile`) against the step. The step-0
 loss of every policy is recorded: same weights, same batch, different plans, so it must agree
 (plan invariance).
 
@@ -92,12 +94,21 @@ def make_plan(policy: str, lengths: list[int], *, num_ranks: int, cost: CostMode
     return static_sp(lengths, num_ranks=num_ranks, sp_degree=int(policy.split("-")[1]), cost=cost)
 
 
+def _microbatch_ms(plan: StepPlan, lengths: list[int], cost: CostModel) -> list[float]:
+    return [
+        max(cost.group_time_ms([lengths[i] for i in g.seq_indices], g.degree) for g in mb.groups)
+        for mb in plan.microbatches
+    ]
+
+
 def predicted_s(plan: StepPlan, lengths: list[int], cost: CostModel) -> float:
-    """A plan's step time under ``cost``: Σ over micro-batches of the slowest group's time."""
-    total_ms = 0.0
-    for mb in plan.microbatches:
-        total_ms += max(cost.group_time_ms([lengths[i] for i in g.seq_indices], g.degree) for g in mb.groups)
-    return total_ms / 1e3
+    """A plan's forward + backward time under ``cost``: Σ over micro-batches of the slowest group's time."""
+    return sum(_microbatch_ms(plan, lengths, cost)) / 1e3
+
+
+def predicted_step_s(plan: StepPlan, lengths: list[int], cost: CostModel) -> float:
+    """A plan's whole step under ``cost``: the micro-batches plus the per-step term (step_ms)."""
+    return cost.step_time_ms(_microbatch_ms(plan, lengths, cost)) / 1e3
 
 
 def skip_reason(policy: str, batches: list[list[int]], cost: CostModel) -> str | None:
@@ -307,13 +318,16 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
             "solve_overlappable_share": sum(overlap) / len(overlap) if overlap else None,
             "predicted_s": _median([i["predicted_s"] for i in info]),
             "predicted_preset_s": _median([i["predicted_preset_s"] for i in info]),
+            "predicted_step_s": _median([i["predicted_step_s"] for i in info]),
             "cost_model_error": {
                 "calibrated_vs_fwd_bwd": _error_stats([(i["predicted_s"], r["fwd_bwd_s"]) for i, r in zip(info, mine)]),
-                "calibrated_vs_step": _error_stats([(i["predicted_s"], r["step_s"]) for i, r in zip(info, mine)]),
+                "calibrated_vs_step": _error_stats([(i["predicted_step_s"], r["step_s"]) for i, r in zip(info, mine)]),
                 "preset_vs_fwd_bwd": _error_stats(
                     [(i["predicted_preset_s"], r["fwd_bwd_s"]) for i, r in zip(info, mine)]
                 ),
-                "preset_vs_step": _error_stats([(i["predicted_preset_s"], r["step_s"]) for i, r in zip(info, mine)]),
+                "preset_vs_step": _error_stats(
+                    [(i["predicted_preset_step_s"], r["step_s"]) for i, r in zip(info, mine)]
+                ),
             },
         }
     per = out["per_policy"]
@@ -332,13 +346,20 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                     "measured_tokens_per_s_ratio": per["flexsp"]["tokens_per_s"] / per[policy]["tokens_per_s"],
                     "predicted_median_ratio": _median(
                         [
-                            plans_info[policy][s]["predicted_s"] / plans_info["flexsp"][s]["predicted_s"]
+                            plans_info[policy][s]["predicted_step_s"] / plans_info["flexsp"][s]["predicted_step_s"]
                             for s in {r["step"] for r in measured}
                         ]
                     ),
                 }
-    for model, key in (("calibrated", "predicted_s"), ("preset", "predicted_preset_s")):
+    keys = {
+        ("calibrated", "fwd_bwd_s"): "predicted_s",
+        ("calibrated", "step_s"): "predicted_step_s",  # with the per-step term step_ms
+        ("preset", "fwd_bwd_s"): "predicted_preset_s",
+        ("preset", "step_s"): "predicted_preset_step_s",
+    }
+    for model in ("calibrated", "preset"):
         for part in ("fwd_bwd_s", "step_s"):
+            key = keys[model, part]
             pairs = [(plans_info[r["policy"]][r["step"]][key], r[part]) for r in measured]
             out["cost_model_error"][f"{model}_vs_{part[:-2]}"] = {
                 **_error_stats(pairs),
@@ -473,6 +494,8 @@ def main() -> None:
                     "solver": plan.solver,
                     "predicted_s": plan.predicted_time_s,
                     "predicted_preset_s": predicted_s(plan, lengths, preset),
+                    "predicted_step_s": predicted_step_s(plan, lengths, cost),
+                    "predicted_preset_step_s": predicted_step_s(plan, lengths, preset),
                     "microbatches": len(plan.microbatches),
                     "shape": plan.shapes(),
                 }

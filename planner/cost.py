@@ -6,10 +6,25 @@ lengths ``s_1 … s_n`` packed into one sequence of ``S = Σ s`` tokens, ``S / d
 Time of the group (ms), an α-β model in the sequence lengths (FlexSP §4.1.2):
 
     T(d) = beta_ms + c(d) + Σ_k t(s_k, d)        (0 for an empty group)
-    t(s, d) = (quad_ms·s² + lin_ms·s) / d                    compute: softmax attention, the rest
+    t(s, d) = (q(d)·quad_ms·s² + lin_ms·s) / d               compute: softmax attention, the rest
             + comm_bytes_per_token·s·f(d) / bw(d)            SP traffic proportional to tokens
             + moe_bytes_per_token·s / d / ep_bandwidth       MoE expert all-to-all (fixed EP group)
     c(d) = comm_bytes_per_group·(d − 1) / bw(d)              LASP-2 state all-gathers (size fixed)
+
+with q(1) = 1 and q(d) = quad_sp_factor for d > 1: the slowest rank's share of a document's
+softmax work when it is spread over the group. Per-document attention (LASP-2H's local
+compute, parallel/doc_attention.py) costs, per softmax layer and rank,
+Σ over the rank's pieces of c_sq·L² for a document that starts in the rank's block and
+c_br·Lq·Lk for the piece of one that began on an earlier rank (computed in full under a mask),
+so a document of s tokens costs c_sq·s² at d = 1 but ≈ c_br·s²/d on the last rank of a
+degree-d group: q = c_br/c_sq (≈ 1.6–1.8 measured on CPU). It is 1 for Ulysses and
+flash-attention-style kernels that split the work evenly (the published presets); sequences
+much shorter than a rank's block are overestimated by it at d > 1.
+
+A step of M micro-batches takes step_ms + Σ_m max_groups T (:meth:`CostModel.step_time_ms`):
+step_ms is what every step pays whatever the plan (the optimizer step, the ZeRO / data-parallel
+gradient reduction, the balance all-reduces), so it changes no plan and ``StepPlan``'s
+predicted_time_s (the micro-batches' time) leaves it out.
 
 with f(d) = 1/d for Ulysses all-to-all (the FlexSP artefact's "4·2·L·h·s·2/d", no (d−1)/d)
 and f(d) = (d−1)/d for LASP-2H's K/V all-gather; a group of one rank sends nothing (c = f = 0,
@@ -33,6 +48,7 @@ import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +105,11 @@ class CostModel:
     """Usable memory per rank (GB)."""
     model_state_gb: float = 0.0
     """Model states per rank (GB); see :func:`zero_model_state_gb`."""
+    quad_sp_factor: float = 1.0
+    """q(d > 1): slowest rank's softmax work at SP degree d over quad_ms·s²/d (per-document
+    attention: c_br/c_sq; 1 for Ulysses / evenly split kernels)."""
+    step_ms: float = 0.0
+    """Fixed ms per training step (optimizer step, gradient reduction, balance all-reduces)."""
     seq_comm: str = "alltoall"
     """SP traffic proportional to tokens: 'alltoall' (Ulysses, f=1/d) or 'allgather' (LASP-2H, f=(d-1)/d)."""
     comm_bytes_per_token: float = 0.0
@@ -121,6 +142,8 @@ class CostModel:
             _check_number(name, getattr(self, name), positive=False)
         for name in ("comm_bytes_per_group", "moe_bytes_per_token", "ep_bandwidth_gbps", "kv_gather_mb_per_token"):
             _check_number(name, getattr(self, name), positive=False)
+        _check_number("step_ms", self.step_ms, positive=False)
+        _check_number("quad_sp_factor", self.quad_sp_factor, positive=True)
         _check_number("act_mb_per_token", self.act_mb_per_token, positive=True)
         _check_number("memory_budget_gb", self.memory_budget_gb, positive=True)
         if self.memory_budget_gb <= self.model_state_gb:
@@ -160,9 +183,13 @@ class CostModel:
             return 0.0
         return 1.0 / degree if self.seq_comm == "alltoall" else (degree - 1) / degree
 
+    def quad_coefficient(self, degree: int) -> float:
+        """q(d)·quad_ms: ms per token² of one sequence's softmax work on a degree-``degree`` group."""
+        return self.quad_ms if degree == 1 else self.quad_ms * self.quad_sp_factor
+
     def seq_time_ms(self, length: int, degree: int) -> float:
         """t(s, d): time one sequence adds to a degree-``degree`` group, ms (beta and c(d) excluded)."""
-        compute = (self.quad_ms * length * length + self.lin_ms * length) / degree
+        compute = (self.quad_coefficient(degree) * length * length + self.lin_ms * length) / degree
         moe = 0.0
         if self.moe_bytes_per_token:
             moe = self.moe_bytes_per_token * length / degree / _MIB / self.ep_bandwidth_gbps
@@ -179,7 +206,7 @@ class CostModel:
             per_token += self.moe_bytes_per_token / degree / _MIB / self.ep_bandwidth_gbps
         if degree > 1 and self.comm_bytes_per_token:
             per_token += self.comm_bytes_per_token * self.seq_comm_fraction(degree) / _MIB / self.bandwidth(degree)
-        return (self.quad_ms / degree) * s * s + per_token * s
+        return (self.quad_coefficient(degree) / degree) * s * s + per_token * s
 
     def group_overhead_ms(self, degree: int) -> float:
         """beta_ms + c(d): what a non-empty group pays whatever it runs, ms."""
@@ -192,6 +219,10 @@ class CostModel:
         if not lengths:
             return 0.0
         return self.group_overhead_ms(degree) + sum(self.seq_time_ms(s, degree) for s in lengths)
+
+    def step_time_ms(self, microbatch_ms: Iterable[float]) -> float:
+        """A step's time: step_ms + Σ of its micro-batches' makespans (ms each), ms."""
+        return self.step_ms + math.fsum(microbatch_ms)
 
     def rank_memory_mb_per_token(self, degree: int) -> float:
         """Memory per rank (MB) per token of the group's packed sequence."""

@@ -20,6 +20,14 @@ ARTEFACT_MODEL_STATE_GB = 7 * 16.0
 # Share of this machine's physical memory that `auto` on CPU gives the ranks on it (the rest is
 # for the OS, the data, the Python processes themselves and gloo's buffers).
 CPU_MEMORY_SHARE = 0.5
+# Per-document softmax attention on CPU (parallel/doc_attention.py): the piece of a document that
+# began on an earlier rank is computed in full under a mask at c_br ≈ 38–50 ns per entry and head,
+# against c_sq ≈ 23–28 ns for a document inside one rank (fp32, head_dim 64, fwd + bwd, measured
+# by the kernels benchmark on a 2-core CPU), so the last rank of an SP group does c_br/c_sq ≈ 1.6–1.8
+# times quad_ms·s²/d (planner/cost.py, q(d)). `seqmoe profile` measures it for a given model and
+# machine (runtime.profile.measure_quad_sp_factor; the tiny-cpu model, head_dim 32: ≈ 2.2 at 2048
+# tokens, d = 2 and 4, on the same loaded 2-core machine).
+CPU_QUAD_SP_FACTOR = 1.7
 
 
 def flexsp_gpt7b_a100(world_size: int | None = None) -> CostModel:
@@ -127,6 +135,7 @@ def flops_cost_model(
     bandwidth_gbps: dict[int, float],
     ep_bandwidth_gbps: float,
     notes: str,
+    quad_sp_factor: float = 1.0,
 ) -> CostModel:
     """Coefficients derived from FLOP and byte counts at an achievable throughput ``flops_per_s``.
 
@@ -141,6 +150,7 @@ def flops_cost_model(
     Memory: no activation checkpointing, ≈34·d bytes per layer per token (Korthikanti et al. 2022
     with flash attention: no s² term) plus top_k expert inputs and SwiGLU hidden states, plus
     fp32 logits; transient gathered K/V and their gradients of one softmax layer.
+    ``quad_sp_factor``: q(d > 1) of planner/cost.py (1 for kernels that split the work evenly).
     """
     d, kv_dim, head_dim = shape.d_model, shape.num_kv_heads * shape.head_dim, shape.head_dim
     _, active = shape.params()
@@ -152,6 +162,7 @@ def flops_cost_model(
     return CostModel(
         name=name,
         quad_ms=3.5 * shape.num_softmax * 2 * d * ms_per_flop,
+        quad_sp_factor=quad_sp_factor,
         lin_ms=(6 * active + linear_attention) * ms_per_flop,
         beta_ms=beta_ms,
         act_mb_per_token=act_bytes / 2**20,
@@ -248,10 +259,12 @@ def tiny_cpu(world_size: int | None = None) -> CostModel:
         zero_stage=1,
         bandwidth_gbps={2: 1.0, 4: 1.0, 8: 1.0},
         ep_bandwidth_gbps=1.0,
+        quad_sp_factor=CPU_QUAD_SP_FACTOR,
         notes=(
             "Placeholder for configs/tiny-cpu.toml (4 layers LLLS, d_model 128, 8 experts top-2, fp32) on "
-            "gloo CPU processes: FLOP-derived at 5 GFLOP/s, beta 50 ms, 1 GB/s, and a synthetic 0.05 GB memory "
-            "cap (about 630 tokens per rank) so that the demo mixes SP degrees. To be replaced by "
+            "gloo CPU processes: FLOP-derived at 5 GFLOP/s, beta 50 ms, 1 GB/s, SP quadratic factor 1.7, and "
+            "a synthetic 0.05 GB memory cap (about 630 tokens per rank) so that the demo mixes SP degrees. "
+            "To be replaced by "
             "`seqmoe profile` calibration."
         ),
     )
@@ -299,6 +312,7 @@ def cpu_cost_model(
         zero_stage=zero_stage,
         bandwidth_gbps={2: 1.0},
         ep_bandwidth_gbps=1.0,
+        quad_sp_factor=CPU_QUAD_SP_FACTOR,
         notes=(
             f"auto on CPU: FLOP-derived at 5 GFLOP/s, beta 50 ms, 1 GB/s (as tiny-cpu); memory budget "
             f"{budget_gb:.2f} GB per rank = {CPU_MEMORY_SHARE:.0%} of this machine's {total / 2**30:.1f} GB over "

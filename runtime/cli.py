@@ -204,6 +204,7 @@ def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     bandwidth = ", ".join(f"d={d}: {bw:.2f} GB/s" for d, bw in sorted(result.bandwidth_gbps.items()))
     print(f"all-gather bandwidth: {bandwidth or 'n/a (one process)'}")
     print(f"fit: mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}")
+    print(f"per-step term: {result.cost.step_ms:.1f} ms; SP quadratic factor q(d>1): {result.cost.quad_sp_factor:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

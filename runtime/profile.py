@@ -7,10 +7,21 @@ rank's time is recorded. The all-gather bandwidth of each group size is measured
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
 gives the formulas). What remains, t_measured(s, d) - comm(s, d), is fitted by least squares to
-    beta + (alpha1 s^2 + alpha2 s) / d
-with non-negative coefficients; the report gives every point's relative error. Memory: the
-activations saved for backward are counted per token with autograd's saved-tensor hooks, model
-states follow from the parameter count and the ZeRO stage.
+    beta + (q(d) alpha1 s^2 + alpha2 s) / d,   q(1) = 1, q(d > 1) = quad_sp_factor
+with non-negative coefficients; the report gives every point's relative error. quad_sp_factor
+(a document spread over d ranks costs its last rank more than 1/d of its softmax work, see
+planner/cost.py) is measured apart on the softmax kernel alone, the last rank's piece at SP=d
+against the whole document at SP=1 (:func:`measure_quad_sp_factor`): in whole-model timings
+on a shared machine the quadratic term is too small a part to identify it.
+
+The per-step term step_ms: every rank runs one sequence of the shortest length through a
+DeepSpeed engine (runtime.train.build_engine) twice, once as an inner micro-batch (no gradient
+reduction) and once as the step's last one, then the optimizer step and the balance reset:
+the slowest rank's median extra time of the last micro-batch (the gradient reduction) plus
+that of the step is what a step pays whatever its plan.
+
+Memory: the activations saved for backward are counted per token with autograd's saved-tensor
+hooks, model states follow from the parameter count and the ZeRO stage.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
 from runtime.model import build_model, layer_kinds
 
-__all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "profile_cost_model"]
+__all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "measure_quad_sp_factor", "profile_cost_model"]
 
 
 @dataclass
@@ -84,20 +95,65 @@ def comm_volumes(config: Config, elem_bytes: int) -> tuple[str, float, float]:
     return "alltoall", float(per_token), float(per_group)
 
 
-def fit_coefficients(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """(alpha1, alpha2, beta) >= 0 minimising the squared relative error of
-    beta + (alpha1 s^2 + alpha2 s)/d to the compute times ``(degree, length, ms)``."""
-    rows = np.array([[1.0, s * s / d, s / d] for d, s, _ in points])
-    target = np.array([ms for _, _, ms in points])
+def _relative_nnls(rows: np.ndarray, target: np.ndarray) -> list[float]:
+    """Coefficients >= 0 minimising the squared relative error of rows @ coef to target."""
     weights = 1.0 / np.maximum(target, 1e-9)  # relative error: long and short runs count alike
-    active = [0, 1, 2]
+    active = list(range(rows.shape[1]))
     while True:
         coef, *_ = np.linalg.lstsq(rows[:, active] * weights[:, None], target * weights, rcond=None)
         if (coef >= 0).all() or len(active) == 1:
             break
         active.pop(int(np.argmin(coef)))  # drop the most negative term and refit (a small NNLS)
     full = dict(zip(active, np.maximum(coef, 0.0)))
-    return float(full.get(1, 0.0)), float(full.get(2, 0.0)), float(full.get(0, 0.0))
+    return [float(full.get(i, 0.0)) for i in range(rows.shape[1])]
+
+
+def fit_coefficients(
+    points: list[tuple[int, int, float]], *, quad_sp_factor: float = 1.0
+) -> tuple[float, float, float]:
+    """(alpha1, alpha2, beta) >= 0 minimising the squared relative error of
+    beta + (q(d) alpha1 s^2 + alpha2 s)/d to the compute times ``(degree, length, ms)``, with
+    q(1) = 1 and q(d > 1) = ``quad_sp_factor`` (measured apart: :func:`measure_quad_sp_factor`)."""
+    rows = np.array([[1.0, (1.0 if d == 1 else quad_sp_factor) * s * s / d, s / d] for d, s, _ in points])
+    beta, alpha1, alpha2 = _relative_nnls(rows, np.array([ms for _, _, ms in points]))
+    return alpha1, alpha2, beta
+
+
+def measure_quad_sp_factor(config: Config, length: int, degrees: list[int], repeats: int, device) -> float:
+    """q(d > 1) of planner/cost.py for ``config``'s softmax layers: the per-document kernel
+    (parallel.doc_attention) on the last rank of a degree-d group, whose T = s/d queries see
+    all s keys of the document (computed in full under a bottom-right mask), times d, over the
+    kernel on the whole document at d = 1; fwd + bwd, median of ``repeats``, mean over the
+    degrees d > 1 of the median ratio (1.0 when there are none). Timed on this process alone."""
+    from parallel.doc_attention import doc_attention
+
+    m = config.model
+    heads, kv_heads, head_dim = m.num_heads, m.num_kv_heads, m.d_model // m.num_heads
+    g = torch.Generator().manual_seed(length)
+    keys = [torch.randn(1, length, kv_heads, head_dim, generator=g).to(device) for _ in range(2)]
+
+    def call(T: int) -> float:
+        q = torch.randn(1, T, heads, head_dim, generator=g).to(device).requires_grad_()
+        k, v = (x.clone().requires_grad_() for x in keys)
+        start = time.perf_counter()
+        o = doc_attention(q, k, v, q_offset=length - T, causal=True, bounds=None, scale=head_dim**-0.5)
+        o.sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    split = [d for d in degrees if d > 1 and length % d == 0]
+    if not split:
+        return 1.0
+    ratios: dict[int, list[float]] = {d: [] for d in split}
+    for rep in range(repeats + 1):
+        # interleaved, so that each ratio compares calls made under the same machine load
+        whole = call(length)
+        pieces = {d: call(length // d) for d in split}
+        if rep:  # the first round warms up allocators
+            for d in split:
+                ratios[d].append(d * pieces[d] / whole)
+    return statistics.fmean(statistics.median(r) for r in ratios.values())
 
 
 def _degrees(world_size: int) -> list[int]:
@@ -158,6 +214,65 @@ def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> flo
     return (degree - 1) * nbytes / statistics.median(times[1:]) / 1e9
 
 
+def _step_overhead_ms(ctx, config: Config, length: int, repeats: int) -> float:
+    """Slowest rank's median ms a step pays whatever its plan, every rank running one
+    ``length``-token sequence through a DeepSpeed engine as training does (runtime.step.train_step):
+    the last micro-batch's extra time over an inner one (the gradient reduction at the
+    accumulation boundary) plus what follows the backward passes (the metrics all-reduce and
+    the optimizer step)."""
+    from types import SimpleNamespace
+
+    from planner.plan import Group, MicroBatch, StepPlan
+    from runtime.step import run_plan, train_step
+    from runtime.train import build_engine
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world, seed=config.train.seed)
+    engine = build_engine(model.to(ctx.device), config)
+    W = ctx.world_size
+    plan = StepPlan(
+        microbatches=[MicroBatch([Group((r,), [r]) for r in range(W)])],
+        num_ranks=W,
+        predicted_time_s=0.0,
+        solver="static",
+        solve_time_s=0.0,
+    )
+    g = torch.Generator().manual_seed(length)
+    batch = SimpleNamespace(
+        sequences=[torch.randint(0, model.config.vocab_size, (length,), generator=g) for _ in range(W)],
+        domains=[0] * W,
+    )
+
+    def inner_backward(loss: torch.Tensor, _: bool) -> None:
+        engine.set_gradient_accumulation_boundary(False)
+        engine.backward(loss * W, scale_wrt_gas=False)
+
+    def timed(work) -> tuple[float, float]:
+        if W > 1:
+            dist.barrier(group=ctx.world)
+        start = time.perf_counter()
+        inside = work()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        return _slowest(ctx, time.perf_counter() - start), _slowest(ctx, inside)
+
+    def inner() -> float:
+        if model.tracker is not None:
+            model.tracker.begin_step()
+        run_plan(model, ctx, plan, batch.sequences, batch.domains, forward=engine, backward=inner_backward)
+        return 0.0
+
+    reduction, update = [], []
+    for rep in range(repeats + 1):
+        inner_s, _ = timed(inner)
+        step_s, fwd_bwd_s = timed(lambda: train_step(model, engine, ctx, plan, batch).forward_backward_s)
+        if rep:  # the first step builds the optimizer state
+            reduction.append((fwd_bwd_s - inner_s) * 1e3)
+            update.append((step_s - fwd_bwd_s) * 1e3)
+    # the reduction is a difference of two timings: noise can make it negative on a tiny model
+    return max(0.0, statistics.median(reduction)) + max(0.0, statistics.median(update))
+
+
 def _activation_mb_per_token(model, length: int, device) -> float:
     """MB of tensors autograd saves for backward, per token, on one rank (degree 1)."""
     saved = 0
@@ -202,8 +317,14 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     act = _activation_mb_per_token(model, min(lengths), ctx.device)
     budget = _memory_budget_gb(ctx, world_size)
     num_params = sum(p.numel() for p in model.parameters())
+    step_ms = _step_overhead_ms(ctx, config, min(lengths), repeats)
+    quad_sp_factor = 1.0
+    if rank == 0:  # alone, while the other ranks wait: a kernel ratio, not a shared-machine time
+        quad_sp_factor = measure_quad_sp_factor(config, max(lengths), _degrees(world_size), max(repeats, 5), ctx.device)
+    if world_size > 1:
+        dist.barrier(group=ctx.world)
     if rank == 0:
-        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device)))
+        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device), step_ms, quad_sp_factor))
     ctx.destroy()
 
 
@@ -225,7 +346,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
             p.join()
         if any(p.exitcode for p in procs):
             raise RuntimeError(f"a profiling rank failed (exit codes {[p.exitcode for p in procs]}); see its output")
-        rows, bandwidth, act, budget, num_params, device = queue.get()
+        rows, bandwidth, act, budget, num_params, device, step_ms, quad_sp_factor = queue.get()
     elem_bytes = 2 if device.startswith("cuda") else 4
     seq_comm, per_token, per_group = comm_volumes(config, elem_bytes)
     probe = CostModel(
@@ -240,11 +361,13 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         bandwidth_gbps=bandwidth,
     )
     compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
-    alpha1, alpha2, beta = fit_coefficients(compute)
+    alpha1, alpha2, beta = fit_coefficients(compute, quad_sp_factor=quad_sp_factor)
     cost = CostModel(
         quad_ms=alpha1,
         lin_ms=alpha2,
         beta_ms=beta,
+        quad_sp_factor=quad_sp_factor,
+        step_ms=step_ms,
         act_mb_per_token=act,
         memory_budget_gb=budget,
         model_state_gb=zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size),
@@ -254,7 +377,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         bandwidth_gbps=bandwidth,
         name=f"{config.name}-profiled",
         notes=f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
-        f"{num_params} parameters",
+        f"{num_params} parameters; step_ms from {min(lengths)}-token steps through the DeepSpeed engine",
     )
     points = []
     for d, s, ms in rows:

@@ -155,7 +155,9 @@ def _write_profile(path: Path) -> Path:
 
 
 def test_e2e_prices_plans_and_skips_degrees_that_cannot_hold_the_batch():
-    from benchmarks.e2e import calibrated_cost, predicted_s, skip_reason
+    import dataclasses
+
+    from benchmarks.e2e import calibrated_cost, predicted_s, predicted_step_s, skip_reason
     from planner.cost import CostModel
     from planner.solver import plan_step
 
@@ -165,6 +167,9 @@ def test_e2e_prices_plans_and_skips_degrees_that_cannot_hold_the_batch():
     plan = plan_step(lengths, num_ranks=4, cost=cost, time_limit_s=1.0)
     # the e2e benchmark re-prices executed plans; under the planner's own model it must agree
     assert predicted_s(plan, lengths, cost) == pytest.approx(plan.predicted_time_s, rel=1e-9)
+    # the whole step adds the per-step term once, whatever the number of micro-batches
+    stepped = dataclasses.replace(cost, step_ms=250.0)
+    assert predicted_step_s(plan, lengths, stepped) == pytest.approx(plan.predicted_time_s + 0.25, rel=1e-9)
     assert "1024-token sequence" in skip_reason("static-1", [lengths], cost)
     assert skip_reason("static-2", [lengths], cost) is None
     assert skip_reason("flexsp", [lengths], cost) is None
@@ -187,10 +192,11 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
     assert {r["policy"] for r in result["rows"]} == policies and len(result["rows"]) == 2 * len(policies)
     coefficients = result["cost_models"]["calibrated"]
     assert all(math.isfinite(coefficients[k]) and coefficients[k] >= 0 for k in ("quad_ms", "lin_ms", "beta_ms"))
+    assert coefficients["step_ms"] > 0 and coefficients["quad_sp_factor"] > 0  # measured by the profile
     assert result["cost_models"]["calibration"]["fit_points"]
     for policy, s in result["summary"]["per_policy"].items():
         assert policy in policies and s["steps"] == 1
-        for key in ("tokens_per_s", "step_s", "fwd_bwd_s", "predicted_s", "predicted_preset_s"):
+        for key in ("tokens_per_s", "step_s", "fwd_bwd_s", "predicted_s", "predicted_preset_s", "predicted_step_s"):
             assert math.isfinite(s[key]) and s[key] > 0, (policy, key)
         assert s["comm_bytes_per_step_max_rank"] >= 0 and s["solve_time_s"]["median"] >= 0
         for error in s["cost_model_error"].values():

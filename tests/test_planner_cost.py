@@ -214,3 +214,59 @@ def test_auto_on_cpu_holds_the_default_max_seq_len():
     cost = resolve_cost_model(config, 2)
     assert cost.name == "cpu-auto"
     assert cost.max_sequence_length(2) >= config.data.max_seq_len
+
+
+def test_quad_sp_factor_scales_the_softmax_term_above_one_rank():
+    plain, doc = small_model(), small_model(quad_sp_factor=1.7)
+    for s in (64, 1000):
+        # one rank: the factor does not apply
+        assert doc.seq_time_ms(s, 1) == plain.seq_time_ms(s, 1)
+        for d in (2, 4):
+            extra = 0.7 * plain.quad_ms * s * s / d  # (q - 1)·quad_ms·s²/d
+            assert doc.seq_time_ms(s, d) == pytest.approx(plain.seq_time_ms(s, d) + extra, rel=1e-12)
+    # the vectorised form the planner's solvers use agrees with the scalar one
+    lengths = [64, 300, 1000]
+    for d in (1, 2, 4):
+        got = doc.seq_times_ms(lengths, d).tolist()
+        assert got == pytest.approx([doc.seq_time_ms(s, d) for s in lengths], rel=1e-12)
+    assert doc.group_time_ms(lengths, 2) == pytest.approx(
+        doc.group_overhead_ms(2) + sum(doc.seq_time_ms(s, 2) for s in lengths), rel=1e-12
+    )
+
+
+def test_step_term_is_added_once_per_step():
+    cost = small_model(step_ms=120.0)
+    assert cost.step_time_ms([10.0, 20.5]) == pytest.approx(150.5, rel=1e-12)
+    assert cost.step_time_ms([]) == 120.0
+    assert small_model().step_time_ms([10.0]) == 10.0  # default 0: no step term
+
+
+def test_new_fields_round_trip_and_old_json_still_loads():
+    cost = small_model(quad_sp_factor=1.6, step_ms=42.0)
+    again = CostModel.from_json(cost.to_json())
+    assert again == cost and (again.quad_sp_factor, again.step_ms) == (1.6, 42.0)
+    old = json.loads(cost.to_json())
+    del old["quad_sp_factor"], old["step_ms"]  # a file written before the fields existed
+    loaded = CostModel.from_json(json.dumps(old))
+    assert (loaded.quad_sp_factor, loaded.step_ms) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"), [({"quad_sp_factor": 0.0}, "quad_sp_factor"), ({"step_ms": -1.0}, "step_ms")]
+)
+def test_bad_new_fields_are_named(change, match):
+    with pytest.raises(ValueError, match=match):
+        small_model(**change)
+
+
+def test_published_presets_keep_the_even_split_and_cpu_presets_the_per_document_factor():
+    from planner.presets import CPU_QUAD_SP_FACTOR, HybridShape, cpu_cost_model
+    from runtime.config import Config
+
+    assert CostModel.preset("flexsp-gpt7b-a100").quad_sp_factor == 1.0
+    assert CostModel.preset("hybrid-1b-h100").quad_sp_factor == 1.0
+    assert CostModel.preset("tiny-cpu").quad_sp_factor == CPU_QUAD_SP_FACTOR > 1
+    config = Config()
+    shape = HybridShape.of_model(config.model, config.moe, act_bytes=4)
+    auto = cpu_cost_model(shape, world_size=2, ranks_per_machine=2, memory_bytes=8 * 2**30)
+    assert auto.quad_sp_factor == CPU_QUAD_SP_FACTOR

@@ -3,11 +3,13 @@ the formulas of parallel/README.md, and an end-to-end profile on 2 gloo ranks wr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from planner.cost import CostModel
 from runtime.config import load_config
-from runtime.profile import comm_volumes, fit_coefficients, profile_cost_model
+from runtime.profile import comm_volumes, fit_coefficients, measure_quad_sp_factor, profile_cost_model
 
 FIT_TOL = 1e-9  # noiseless synthetic data: the least-squares fit is exact up to rounding
 
@@ -18,6 +20,27 @@ def test_fit_recovers_known_coefficients():
     got = fit_coefficients(points)
     for x, y in zip(got, (alpha1, alpha2, beta)):
         assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
+
+
+def test_fit_with_a_quadratic_factor_above_one_rank():
+    alpha1, alpha2, beta, q = 2e-6, 0.05, 3.0, 1.7
+    points = [
+        (d, s, beta + ((q if d > 1 else 1.0) * alpha1 * s * s + alpha2 * s) / d)
+        for d in (1, 2, 4)
+        for s in (256, 1024, 4096)
+    ]
+    got = fit_coefficients(points, quad_sp_factor=q)
+    for x, y in zip(got, (alpha1, alpha2, beta)):
+        assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
+
+
+def test_quad_sp_factor_is_measured_on_the_kernel():
+    import torch
+
+    config = load_config(None, ["--model.ffn=dense", "--model.d_model=32"])
+    q = measure_quad_sp_factor(config, 256, [1, 2], repeats=1, device=torch.device("cpu"))
+    assert math.isfinite(q) and q > 0  # a ratio of two timings: no bound on its value is asserted
+    assert measure_quad_sp_factor(config, 256, [1], repeats=1, device=torch.device("cpu")) == 1.0
 
 
 def test_fit_keeps_coefficients_non_negative():
@@ -67,5 +90,6 @@ def test_profile_end_to_end_on_two_ranks():
     assert set(result.bandwidth_gbps) == {2} and result.bandwidth_gbps[2] > 0
     cost = result.cost
     assert cost.act_mb_per_token > 0 and cost.memory_budget_gb > 0 and cost.model_state_gb > 0
+    assert cost.step_ms > 0 and cost.quad_sp_factor > 0  # the new terms: measured step overhead, fitted factor
     assert CostModel.from_json(cost.to_json()) == cost
     assert all(p["measured_ms"] > 0 and p["predicted_ms"] > 0 for p in result.points)
