@@ -5,7 +5,7 @@ checks: the exit code; exactly one non-empty line on stderr, starting ``seqmoe``
 problem (the phrases listed); no "Traceback" anywhere; and that every file that existed before
 (the inputs, and a copied run folder with history) is still there, byte for byte, afterwards.
 Most cases fail in the preflight, before DeepSpeed is imported; the few that need a trained run
-folder copy one made once per module. ``BAD_INPUTS.md`` at the repository root was written
+folder copy one made once per module. ``tests/BAD_INPUTS.md`` was written
 from these cases.
 """
 
