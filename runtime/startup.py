@@ -4,7 +4,7 @@
     model: 4 layers LLLS, d_model 128, MoE 8 experts top-2 (gru router, global balance); 2.34M parameters, ...
     data: embedded corpus, tokenizer bytes (vocab 256): train 4404 sequences / 6.95M tokens, validation 232 ...
     world: 4 ranks (gloo on cpu), ep_size 1, ZeRO stage 1
-    plan: flexsp (highs solver, 1 s limit, async) | cost model tiny-cpu: ... tokens per SP group of 4 at most
+    plan: flexsp (combinatorial, highs for small slices, async) | cost model tiny-cpu: ... tokens per sequence
 
 Active parameters are the ones one token uses: everything except the experts, plus ``top_k``
 experts per MoE layer (Chain-of-Experts runs top_k / C experts in each of C iterations: still
@@ -74,7 +74,7 @@ def startup_lines(config: Config, ctx: ParallelContext, dataset, model: nn.Modul
     elif p.mode == "batch_adaptive":
         policy = "batch_adaptive (smallest SP degree that fits each batch)"
     else:
-        policy = f"flexsp ({p.solver} solver, {p.time_limit_s:g} s limit, {'async' if p.async_plan else 'sync'})"
+        policy = f"flexsp (combinatorial, {p.solver} for small slices, {'async' if p.async_plan else 'sync'})"
     capacity = cost.max_sequence_length(world_size)
     return [
         f"seqmoe {__version__}: run {config.name} -> {config.resolved_run_dir} ({t.steps} steps)",
