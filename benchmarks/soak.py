@@ -49,6 +49,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU + gloo benchmark; deepspee
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from benchmarks.common import DEFAULT_OUT_DIR, OUT_DIR_HELP, machine_info, spawn_ranks, write_json  # noqa: E402
+from runtime.faults import spawned_children  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.toml"
 MIB = 1 << 20
@@ -66,20 +67,6 @@ def rss_bytes(pid: int | str = "self") -> int | None:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def planner_workers(pid: int) -> list[int]:
-    """Processes that ``pid`` started with multiprocessing's spawn (the AsyncPlanner's pool worker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid and b"spawn_main" in cmd:
-            found.append(int(stat.parent.name))
-    return found
 
 
 class Sampler:
@@ -103,7 +90,7 @@ class Sampler:
             "torch_groups": len(dist.distributed_c10d._world.pg_map),
         }
         if ctx.rank == 0:
-            workers = planner_workers(os.getpid())
+            workers = spawned_children(os.getpid())
             sample["planner_pids"] = workers
             sample["planner_rss"] = sum(rss_bytes(p) or 0 for p in workers) if workers else None
         with (self.out / f"rank{ctx.rank}.jsonl").open("a") as f:  # opened and closed: holds no descriptor

@@ -25,7 +25,7 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["at_step", "checkpoint_write_error", "on_checkpoint_read", "parse"]
+__all__ = ["at_step", "checkpoint_write_error", "on_checkpoint_read", "parse", "spawned_children"]
 
 ENV = "SEQMOE_FAULT"
 KINDS = {"hang", "slow", "kill_planner", "enospc", "truncate"}
@@ -67,7 +67,7 @@ def at_step(rank: int, step: int) -> None:
     if spec is not None:
         time.sleep(float(spec.get("seconds", "1")))
     if rank == 0 and _active("kill_planner", step=step) is not None:
-        for pid in _spawned_children(os.getpid()):
+        for pid in spawned_children(os.getpid()):
             print(f"[fault] killing the planner worker (pid {pid}) at step {step}", flush=True)
             os.kill(pid, signal.SIGKILL)
 
@@ -88,8 +88,8 @@ def on_checkpoint_read(path: Path) -> None:
         print(f"[fault] truncated {path} from {size} to {size // 2} bytes while it is read", flush=True)
 
 
-def _spawned_children(pid: int) -> list[int]:
-    """Child processes of ``pid`` started by multiprocessing's spawn (the planner's pool worker)."""
+def spawned_children(pid: int) -> list[int]:
+    """Child processes of ``pid`` started by multiprocessing's spawn (the planner's pool worker; soak samples it)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -22,40 +22,15 @@ layer; this test runs the dense model.
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_check import count_host_reads  # the GPU check counts the same way
 from parallel import comm
 from tests.distributed import run_on_ranks
 
 # the Tensor methods through which Python code reads a value back from the device
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Counter of calls to each of ``HOST_READS`` made while the block runs (any thread)."""
-    counts: Counter[str] = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name, original):
-        def wrapper(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(name, original))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def _model_and_plan(ctx, num_layers: int, linear_sp: str, softmax_sp: str):
