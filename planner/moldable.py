@@ -38,6 +38,16 @@ _MAX_STEPS = 60
 _LOOSER = (1.0, 1.03, 1.1)
 
 
+def _bins(total: float, capacity: float) -> int | None:
+    """Groups of ``capacity`` that ``total`` needs (0 for nothing; None if it cannot fit: a
+    calibrated cost model may price a tiny batch at zero, and 0/0 must not become NaN)."""
+    if total <= 0:
+        return 0
+    if capacity <= 0:
+        return None
+    return math.ceil(total / capacity * (1 - 1e-12))
+
+
 class DemandModel:
     """Per-sequence times, sizes and degree data of one micro-batch, as arrays."""
 
@@ -78,9 +88,12 @@ class DemandModel:
             mine = choice_K == j
             t_k, s_k = self.t_KD[mine, j], self.s_K[mine]
             room, kappa = target_ms - self.o_D[j], self.kappa_D[j]
+            by_time, by_tokens = _bins(float(t_k.sum()), room), _bins(float(s_k.sum()), kappa)
+            if by_time is None or by_tokens is None:
+                return None
             need = max(
-                math.ceil(float(t_k.sum()) / room * (1 - 1e-12)),
-                math.ceil(float(s_k.sum()) / kappa * (1 - 1e-12)),
+                by_time,
+                by_tokens,
                 int(np.count_nonzero(t_k > room / 2)),
                 int(np.count_nonzero(s_k > kappa / 2)),
                 1,

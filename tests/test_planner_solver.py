@@ -354,3 +354,18 @@ def test_groups_of_three_beat_powers_of_two_on_five_long_sequences():
         anysize.validate(lengths, TINY_COSTS[0])
     # The option is a plan_step argument too, and the plan records it.
     assert plan_step(lengths, num_ranks=16, cost=TINY_COSTS[0], group_sizes="any").group_sizes == "any"
+
+
+def test_a_cost_model_that_prices_a_tiny_batch_at_zero_still_plans():
+    """A calibrated fit may set every compute coefficient to 0 (timings too small to resolve): the
+    planner's bin counts must not divide 0 by 0 (a NaN once stopped ``seqmoe bench e2e``)."""
+    import dataclasses
+
+    from planner import plan_step
+    from planner.cost import CostModel
+
+    zero = dataclasses.replace(CostModel.preset("tiny-cpu", world_size=2), quad_ms=0.0, lin_ms=0.0, beta_ms=0.0)
+    lengths = [64, 128, 100, 50]
+    plan = plan_step(lengths, num_ranks=2, cost=zero)
+    planned = sorted(i for micro in plan.microbatches for group in micro.groups for i in group.seq_indices)
+    assert planned == list(range(len(lengths)))  # every sequence exactly once (exact, no tolerance)
