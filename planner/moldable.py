@@ -83,27 +83,33 @@ class DemandModel:
         choice_K = self.choose(target_ms)
         if choice_K is None:
             return None
-        result = {}
-        for j in np.unique(choice_K):
-            mine = choice_K == j
-            t_k, s_k = self.t_KD[mine, j], self.s_K[mine]
-            room, kappa = target_ms - self.o_D[j], self.kappa_D[j]
-            by_time, by_tokens = _bins(float(t_k.sum()), room), _bins(float(s_k.sum()), kappa)
-            if by_time is None or by_tokens is None:
-                return None
-            need = max(
-                by_time,
-                by_tokens,
-                int(np.count_nonzero(t_k > room / 2)),
-                int(np.count_nonzero(s_k > kappa / 2)),
-                1,
-            )
-            result[int(self.d_D[j])] = need
-        return result
+        need_D = self._need(choice_K, target_ms)
+        if need_D is None:
+            return None
+        return {int(self.d_D[j]): int(need_D[j]) for j in np.flatnonzero(need_D)}
+
+    def _need(self, choice_K: np.ndarray, target_ms: float) -> np.ndarray | None:
+        """n_d(C) for every degree (0 where unused), per-degree sums by bincount (no Python loop)."""
+        num_d = len(self.d_D)
+        t_K = self.t_KD[np.arange(len(choice_K)), choice_K]
+        room_D = target_ms - self.o_D
+        used_D = np.bincount(choice_K, minlength=num_d) > 0
+        work_D = np.bincount(choice_K, weights=t_K, minlength=num_d)
+        tokens_D = np.bincount(choice_K, weights=self.s_K, minlength=num_d)
+        if np.any(used_D & (room_D <= 0) & (work_D > 0)):
+            return None
+        big_t_D = np.bincount(choice_K, weights=t_K > room_D[choice_K] / 2, minlength=num_d)
+        big_s_D = np.bincount(choice_K, weights=self.s_K > self.kappa_D[choice_K] / 2, minlength=num_d)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            by_time_D = np.where(work_D > 0, np.ceil(work_D / np.where(room_D > 0, room_D, 1.0) * (1 - 1e-12)), 0.0)
+        by_tokens_D = np.ceil(tokens_D / self.kappa_D * (1 - 1e-12))
+        need_D = np.maximum.reduce([by_time_D, by_tokens_D, big_t_D, big_s_D, np.ones(num_d)])
+        return np.where(used_D, need_D, 0).astype(np.int64)
 
     def ranks(self, target_ms: float) -> float:
-        counts = self.counts(target_ms)
-        return math.inf if counts is None else sum(d * n for d, n in counts.items())
+        choice_K = self.choose(target_ms)
+        need_D = None if choice_K is None else self._need(choice_K, target_ms)
+        return math.inf if need_D is None else float(need_D @ self.d_D)
 
     def smallest_target(self, upper_ms: float | None = None) -> float | None:
         """The least C (to _REL_TOL) with R(C) ≤ N, or None if none up to ``upper_ms`` fits."""

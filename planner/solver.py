@@ -4,7 +4,14 @@
    capacity⌉ try M = M_min … M_min + extra_microbatches (more while none is feasible), cut the
    length-sorted batch into M consecutive token-balanced slices (planner.bucketing), solve each
    slice and keep the M with the least predicted time. An M whose lower bound M·β + work/N
-   already exceeds the best total is skipped.
+   already exceeds the best total is skipped. When memory binds (none of those cuts is
+   feasible: the micro-batches of the longest sequences need large groups that hold few
+   tokens), the candidates are instead memberships that spread the long sequences
+   (planner.dealing): best-fit decreasing into micro-batches of at most min_d κ_d/d · N tokens
+   (always feasible), and the longest sequences dealt round-robin over that many micro-batches
+   and up to _DEAL_BELOW fewer, then filled by LPT on rank-time. The small-slice MILP is off
+   there (tens of micro-batches). The micro-batch of the longest sequences is solved first, so
+   an infeasible candidate is dropped before its other micro-batches are solved.
 2. Per micro-batch, the best of these candidates under the cost model:
    - the combinatorial plan (planner.moldable: bisection on the makespan over the pooled rank
      demand, then LPT packing and local search; planner.packing);
@@ -29,15 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from planner.baselines import best_static_plan
+from planner.baselines import best_fit_decreasing, best_static_plan
 from planner.bucketing import cut_microbatches, optimal_buckets, sorted_order
 from planner.checks import lower_bound_s, step_bounds, validate_batch
 from planner.cost import CostModel
+from planner.dealing import deal_microbatches
 from planner.milp import DEFAULT_MIP_GAP, MilpResult, MilpSolveError, available_solvers, solve_milp
 from planner.moldable import DemandModel, moldable_packing
 from planner.packing import Packing, TimeTable, homogeneous_packing, lpt_pack, place_groups, refine_tiling
@@ -55,6 +64,9 @@ _MILP_MAX_DEGREES = 8
 # Micro-batches with at most this many sequences also try the tilings next to the winner's
 # (planner.packing.refine_tiling); in larger ones per-degree pooling is accurate anyway.
 _REFINE_MAX_SEQS = 16
+# Memory-bound batches also try dealt partitions into up to this many fewer micro-batches than
+# the memory-filled one needs (planner.dealing).
+_DEAL_BELOW = 2
 
 
 @dataclass
@@ -106,7 +118,9 @@ def plan_step(
     skip = set(dropped)
     kept = [i for i in sorted_order(lengths) if i not in skip]
     search = _Search(lengths, num_ranks, cost, _pick_solver(solver), num_buckets, mip_gap, time_limit_s)
-    slices, total_ms = search.run(kept, extra_microbatches)
+    found = search.run(kept, extra_microbatches)
+    # Nothing feasible (memory-bound beyond every partition tried): the batch-adaptive plan.
+    slices, total_ms = found if found is not None else ([], math.inf)
     plan = StepPlan(
         microbatches=[_to_microbatch(s, num_ranks) for s in slices],
         num_ranks=num_ranks,
@@ -118,7 +132,9 @@ def plan_step(
         group_sizes=cost.group_sizes,
     )
     # Step 3 of the module docstring.
-    fallback = best_static_plan(lengths, kept, num_ranks, cost, beat_ms=plan.predicted_time_s * 1e3)
+    fallback = best_static_plan(
+        lengths, kept, num_ranks, cost, beat_ms=None if found is None else plan.predicted_time_s * 1e3
+    )
     if fallback is not None and fallback.predicted_time_s < plan.predicted_time_s:
         fallback.dropped = dropped
         fallback.lower_bound_s = plan.lower_bound_s
@@ -149,36 +165,71 @@ class _Search:
         self.backend, self.num_buckets, self.mip_gap = backend, num_buckets, mip_gap
         self.time_limit_s = time_limit_s
         self.available = available_solvers()
+        self.use_milp = backend != "none"
 
-    def run(self, kept: list[int], extra: int) -> tuple[list[_Slice], float]:
-        """Try M = M_min … M_min + extra (and beyond while none is feasible); keep the fastest."""
+    def run(self, kept: list[int], extra: int) -> tuple[list[_Slice], float] | None:
+        """Try M = M_min … M_min + extra consecutive cuts; when memory binds (none of them is
+        feasible), the memory-filled and dealt partitions instead; keep the fastest. None only
+        if nothing is feasible (plan_step then keeps the batch-adaptive plan)."""
         bound = step_bounds([self.lengths[i] for i in kept], self.num_ranks, self.cost)
         best: tuple[list[_Slice], float] | None = None
-        for m in range(bound.m_min, len(kept) + 1):
-            if best is not None and (m > bound.m_min + extra or bound.at(m) >= best[1]):
+        for m in range(bound.m_min, min(bound.m_min + extra, len(kept)) + 1):
+            if best is not None and bound.at(m) >= best[1]:
                 break
-            slices = self.solve_cut(kept, m, None if best is None else best[1])
-            if slices is not None:
-                total = sum(s.makespan_ms for s in slices)
-                if best is None or total < best[1]:
-                    best = (slices, total)
-        assert best is not None, "one sequence per micro-batch always fits after validate_batch"
+            best = self._keep_best(best, self.solve_cut(kept, m, None if best is None else best[1]))
+        if best is None:
+            # Many micro-batches: the small-slice MILP (tens of ms each) would dominate the time
+            # while the combinatorial plan is within the per-slice bound's reach anyway.
+            self.use_milp = False
+            for members in self.memory_partitions(kept):
+                best = self._keep_best(best, self.solve_members(members, None if best is None else best[1]))
         return best
 
+    @staticmethod
+    def _keep_best(best, slices):
+        if slices is None:
+            return best
+        total = sum(s.makespan_ms for s in slices)
+        return (slices, total) if best is None or total < best[1] else best
+
+    def memory_partitions(self, kept: list[int]) -> list[list[list[int]]]:
+        """Micro-batch memberships for a memory-bound batch (planner.dealing): the sequences by
+        best-fit decreasing into micro-batches of at most κ_min·N tokens (κ_min: the least
+        tokens per rank of any allowed degree, so every micro-batch fits whatever its tiling,
+        as Megatron's scheduler does), and the longest ones dealt round-robin over that many
+        micro-batches and the next smaller counts, then filled by LPT on rank-time."""
+        n = self.num_ranks
+        per_rank = min(self.cost.token_capacity(d) / d for d in self.cost.degrees(n))
+        capacity = max(int(per_rank * n), max(self.lengths[i] for i in kept))
+        filled = best_fit_decreasing(self.lengths, kept, capacity)
+        result = [filled]
+        for m in range(len(filled), max(1, len(filled) - _DEAL_BELOW) - 1, -1):
+            dealt = deal_microbatches(kept, self.lengths, m, n, self.cost)
+            if dealt is not None:
+                result.append(dealt)
+        return result
+
     def solve_cut(self, kept: list[int], m: int, beat_ms: float | None) -> list[_Slice] | None:
-        """Solve every slice of the M-way token-balanced cut; None if one is infeasible, or once
-        the slices solved plus the lower bounds of the rest cannot beat ``beat_ms``."""
+        """Solve every slice of the M-way token-balanced cut (see solve_members)."""
         cut = cut_microbatches([self.lengths[i] for i in kept], m)
-        members = [kept[lo:hi] for lo, hi in cut]
+        return self.solve_members([kept[lo:hi] for lo, hi in cut], beat_ms)
+
+    def solve_members(self, members: list[list[int]], beat_ms: float | None) -> list[_Slice] | None:
+        """Solve every micro-batch; None if one is infeasible, or once the micro-batches solved
+        plus the lower bounds of the rest cannot beat ``beat_ms``."""
         bounds = [DemandModel(seqs, self.lengths, self.num_ranks, self.cost).lower_bound_ms() for seqs in members]
-        slices, done_ms = [], 0.0
-        for j, seqs in enumerate(members):
-            if beat_ms is not None and done_ms + sum(bounds[j:]) >= beat_ms:
+        slices: list[_Slice | None] = [None] * len(members)
+        done_ms, left_ms = 0.0, sum(bounds)
+        # The micro-batch of the longest sequences first: it is the one memory makes infeasible,
+        # so a cut that fails fails before the others are solved (the result is order-free).
+        for j in sorted(range(len(members)), key=lambda j: (-max(self.lengths[i] for i in members[j]), j)):
+            left_ms -= bounds[j]
+            if beat_ms is not None and done_ms + left_ms + bounds[j] >= beat_ms:
                 return None
-            planned = self.solve_slice(seqs, bounds[j])
+            planned = self.solve_slice(members[j], bounds[j])
             if planned is None:
                 return None
-            slices.append(planned)
+            slices[j] = planned
             done_ms += planned.makespan_ms
         return slices
 
@@ -231,7 +282,7 @@ class _Search:
         candidates = [(p, False) for p in found if p is not None]
         failed = False
         small = len(seqs) <= _MILP_MAX_SEQS and len(self.cost.degrees(self.num_ranks)) <= _MILP_MAX_DEGREES
-        if small and self.backend != "none":
+        if small and self.use_milp:
             packing, failed = self._milp_packing(seqs, local, table)
             if packing is not None:
                 candidates.append((packing, True))
