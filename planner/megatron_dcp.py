@@ -95,6 +95,11 @@ def schedule_microbatch(
         raise ValueError(f"a sequence of {first_len} tokens needs CP size {size}, more than the {n} ranks")
     groups = [MegatronGroup(list(range(size)))]
     _add(groups[0], first_id, first_len)
+    # Groups of each size in creation order: the order the source scans them in.
+    by_size = {size: [groups[0]]}
+    # The largest workload outside each group comes from the two largest loads (the values
+    # source's max over the other groups gives), kept up to date as loads grow, not rescanned.
+    top, top_group, second = _top_two_loads(groups)
     next_free = size  # free ranks are always the tail: groups take the lowest free ranks
     leftovers = []
     for sample_id, length in samples[1:]:
@@ -102,15 +107,15 @@ def schedule_microbatch(
         size = cp_min(length, m, min_cp_size)
         while size <= n:
             cost = length * length / size
-            for g in groups:
-                if g.size != size or g.packed + length / size > m:
+            for g in by_size.get(size, ()):
+                if g.packed + length / size > m:
                     continue
-                projected = max(g.load + cost, _max_load(groups, skip=g))
+                projected = max(g.load + cost, second if g is top_group else top)
                 if projected <= cap and (best is None or projected < best[0]):
                     best = (projected, size, g)
             if n - next_free >= size:
                 # the new group's ranks have no load yet: the projection is max(cost, current max)
-                projected = max(cost, _max_load(groups, skip=None))
+                projected = max(cost, top)
                 if projected <= cap and (best is None or projected < best[0]):
                     best = (projected, size, None)
             size *= 2
@@ -121,8 +126,15 @@ def schedule_microbatch(
         if target is None:
             target = MegatronGroup(list(range(next_free, next_free + size)))
             groups.append(target)
+            by_size.setdefault(size, []).append(target)
             next_free += size
         _add(target, sample_id, length)
+        if target is top_group:
+            top = target.load
+        elif target.load > top:
+            top, top_group, second = target.load, target, top
+        else:
+            second = max(second, target.load)
     while next_free < n:
         if not _grow_smallest(groups, n):
             return _whole_world(samples, n, m)
@@ -137,9 +149,17 @@ def _add(group: MegatronGroup, sample_id: int, length: int) -> None:
     group.load += length * length / group.size
 
 
-def _max_load(groups: list[MegatronGroup], skip: MegatronGroup | None) -> float:
-    """The largest rank workload outside ``skip`` (free ranks have none)."""
-    return max((g.load for g in groups if g is not skip), default=0.0)
+def _top_two_loads(groups: list[MegatronGroup]) -> tuple[float, MegatronGroup | None, float]:
+    """(largest load, the first group that has it, largest load of the other groups)."""
+    top, top_group, second = 0.0, None, 0.0
+    for g in groups:
+        if top_group is None or g.load > top:
+            if top_group is not None:
+                second = max(second, top)
+            top, top_group = g.load, g
+        else:
+            second = max(second, g.load)
+    return top, top_group, second
 
 
 def _grow_smallest(groups: list[MegatronGroup], n: int) -> bool:

@@ -36,6 +36,10 @@ _MAX_STEPS = 60
 # Targets tried for the real packing: the bisection's C and a few looser ones, whose tilings
 # leave more spare ranks (the pooled demand is not exact, so the best target is not always C).
 _LOOSER = (1.0, 1.03, 1.1)
+# Halvings evaluated per vectorised call (2**_LOOKAHEAD - 1 midpoints), and doublings tried at once.
+_LOOKAHEAD = 4
+_LOOKAHEAD_MAX_SEQS = 48
+_DOUBLINGS = 8
 
 
 def _bins(total: float, capacity: float) -> int | None:
@@ -46,6 +50,16 @@ def _bins(total: float, capacity: float) -> int | None:
     if capacity <= 0:
         return None
     return math.ceil(total / capacity * (1 - 1e-12))
+
+
+def _midpoints(lo: float, hi: float, depth: int, out: list[float]) -> None:
+    """Every midpoint a bisection of [lo, hi] can visit in ``depth`` halvings (same floats)."""
+    if depth == 0:
+        return
+    mid = 0.5 * (lo + hi)
+    out.append(mid)
+    _midpoints(lo, mid, depth - 1, out)
+    _midpoints(mid, hi, depth - 1, out)
 
 
 class DemandModel:
@@ -111,8 +125,79 @@ class DemandModel:
         need_D = None if choice_K is None else self._need(choice_K, target_ms)
         return math.inf if need_D is None else float(need_D @ self.d_D)
 
+    def ranks_many(self, targets_C: np.ndarray) -> np.ndarray:
+        """:meth:`ranks` at every target of ``targets_C`` at once (the same float operations,
+        element by element, so the same values): R(C), +inf where a target is impossible."""
+        c = np.asarray(targets_C, dtype=np.float64)
+        num_d = len(self.d_D)
+        ok_KCD = (self.alone_KD[:, None, :] <= c[None, :, None]) & (self.d_D >= self.floor)[None, None, :]
+        possible_C = ok_KCD.any(axis=2).all(axis=0)
+        choice_KC = np.argmin(np.where(ok_KCD, self.rank_time_KD[:, None, :], np.inf), axis=2)
+        mine_KCD = choice_KC[:, :, None] == np.arange(num_d)[None, None, :]
+        t_KC = np.take_along_axis(self.t_KD, choice_KC, axis=1)
+        room_CD = c[:, None] - self.o_D[None, :]
+        # Sums over k in index order, as bincount adds them (adding 0.0 changes nothing).
+        used_CD = mine_KCD.any(axis=0)
+        work_CD = np.where(mine_KCD, t_KC[:, :, None], 0.0).sum(axis=0)
+        tokens_CD = np.where(mine_KCD, self.s_K[:, None, None], 0.0).sum(axis=0)
+        big_t_CD = (mine_KCD & (t_KC[:, :, None] > room_CD[None, :, :] / 2)).sum(axis=0)
+        big_s_CD = (mine_KCD & (self.s_K[:, None, None] > self.kappa_D[None, None, :] / 2)).sum(axis=0)
+        stuck_C = (used_CD & (room_CD <= 0) & (work_CD > 0)).any(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            by_time_CD = np.where(
+                work_CD > 0, np.ceil(work_CD / np.where(room_CD > 0, room_CD, 1.0) * (1 - 1e-12)), 0.0
+            )
+        by_tokens_CD = np.ceil(tokens_CD / self.kappa_D[None, :] * (1 - 1e-12))
+        need_CD = np.maximum.reduce([by_time_CD, by_tokens_CD, big_t_CD, big_s_CD, np.ones_like(by_time_CD)])
+        need_CD = np.where(used_CD, need_CD, 0).astype(np.int64)
+        return np.where(possible_C & ~stuck_C, (need_CD @ self.d_D).astype(np.float64), np.inf)
+
     def smallest_target(self, upper_ms: float | None = None) -> float | None:
-        """The least C (to _REL_TOL) with R(C) ≤ N, or None if none up to ``upper_ms`` fits."""
+        """The least C (to _REL_TOL) with R(C) ≤ N, or None if none up to ``upper_ms`` fits.
+
+        A bisection, run _LOOKAHEAD halvings at a time: the midpoints those halvings can visit
+        are computed as the bisection would and evaluated in one vectorised call, then the
+        bisection walks them, so the result is that of the plain bisection."""
+        if len(self.s_K) > _LOOKAHEAD_MAX_SEQS:
+            return self._smallest_target_scalar(upper_ms)
+        n = self.num_ranks
+        lo = self.lower_bound_ms()
+        hi = lo if upper_ms is None else max(upper_ms, lo)
+        if upper_ms is None:
+            doublings = [hi]
+            for _ in range(_MAX_STEPS - 1):
+                doublings.append(doublings[-1] * 2)
+            fits = np.flatnonzero(self.ranks_many(np.asarray(doublings[:_DOUBLINGS])) <= n)
+            if len(fits):
+                hi = doublings[int(fits[0])]
+            else:
+                for hi in doublings[_DOUBLINGS:]:
+                    if self.ranks(hi) <= n:
+                        break
+        ends = self.ranks_many(np.asarray([hi, lo]))
+        if ends[0] > n:
+            return None
+        if ends[1] <= n:
+            return lo
+        steps = 0
+        while steps < _MAX_STEPS:
+            mids: list[float] = []
+            _midpoints(lo, hi, _LOOKAHEAD, mids)
+            fits_at = dict(zip(mids, (self.ranks_many(np.asarray(mids)) <= n).tolist()))
+            for _ in range(_LOOKAHEAD):
+                if steps >= _MAX_STEPS or hi - lo <= _REL_TOL * hi:
+                    return hi
+                steps += 1
+                mid = 0.5 * (lo + hi)
+                if fits_at[mid]:
+                    hi = mid
+                else:
+                    lo = mid
+        return hi
+
+    def _smallest_target_scalar(self, upper_ms: float | None) -> float | None:
+        """The same bisection one target at a time (large micro-batches: K x 15 x D
+        temporaries would cost more than the calls they save)."""
         lo = self.lower_bound_ms()
         hi = lo if upper_ms is None else max(upper_ms, lo)
         if upper_ms is None:

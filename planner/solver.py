@@ -42,11 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.baselines import best_fit_decreasing, best_static_plan
+from planner.baselines import best_static_plan
 from planner.bucketing import cut_microbatches, optimal_buckets, sorted_order
 from planner.checks import lower_bound_s, step_bounds, validate_batch
 from planner.cost import CostModel
-from planner.dealing import deal_microbatches
+from planner.dealing import memory_bound_memberships
 from planner.milp import DEFAULT_MIP_GAP, MilpResult, MilpSolveError, available_solvers, solve_milp
 from planner.moldable import DemandModel, moldable_packing
 from planner.packing import Packing, TimeTable, homogeneous_packing, lpt_pack, place_groups, refine_tiling
@@ -64,9 +64,6 @@ _MILP_MAX_DEGREES = 8
 # Micro-batches with at most this many sequences also try the tilings next to the winner's
 # (planner.packing.refine_tiling); in larger ones per-degree pooling is accurate anyway.
 _REFINE_MAX_SEQS = 16
-# Memory-bound batches also try dealt partitions into up to this many fewer micro-batches than
-# the memory-filled one needs (planner.dealing).
-_DEAL_BELOW = 2
 
 
 @dataclass
@@ -166,11 +163,13 @@ class _Search:
         self.time_limit_s = time_limit_s
         self.available = available_solvers()
         self.use_milp = backend != "none"
+        self.memory_bound = False
+        self._capacity: list[tuple[int, int, float]] | None = None
 
     def run(self, kept: list[int], extra: int) -> tuple[list[_Slice], float] | None:
         """Try M = M_min … M_min + extra consecutive cuts; when memory binds (none of them is
-        feasible), the memory-filled and dealt partitions instead; keep the fastest. None only
-        if nothing is feasible (plan_step then keeps the batch-adaptive plan)."""
+        feasible), the memberships of planner.dealing instead; keep the fastest. None only if
+        nothing is feasible (plan_step then keeps the batch-adaptive plan)."""
         bound = step_bounds([self.lengths[i] for i in kept], self.num_ranks, self.cost)
         best: tuple[list[_Slice], float] | None = None
         for m in range(bound.m_min, min(bound.m_min + extra, len(kept)) + 1):
@@ -178,11 +177,18 @@ class _Search:
                 break
             best = self._keep_best(best, self.solve_cut(kept, m, None if best is None else best[1]))
         if best is None:
-            # Many micro-batches: the small-slice MILP (tens of ms each) would dominate the time
-            # while the combinatorial plan is within the per-slice bound's reach anyway.
-            self.use_milp = False
-            for members in self.memory_partitions(kept):
-                best = self._keep_best(best, self.solve_members(members, None if best is None else best[1]))
+            best = self._memory_bound(kept)
+        return best
+
+    def _memory_bound(self, kept: list[int]) -> tuple[list[_Slice], float] | None:
+        """Tens of micro-batches, each of one tight memory: per micro-batch the best
+        homogeneous packing (with the neighbouring tilings of small ones), which is what wins
+        there; the pooled-demand plan and the small-slice MILP would cost tens of ms each and
+        were never better on the measured batches (benchmarks/RESULTS.md)."""
+        self.use_milp, self.memory_bound = False, True
+        best = None
+        for members, own in memory_bound_memberships(kept, self.lengths, self.num_ranks, self.cost):
+            best = self._keep_best(best, self.solve_members(members, None if best is None else best[1], own))
         return best
 
     @staticmethod
@@ -192,31 +198,17 @@ class _Search:
         total = sum(s.makespan_ms for s in slices)
         return (slices, total) if best is None or total < best[1] else best
 
-    def memory_partitions(self, kept: list[int]) -> list[list[list[int]]]:
-        """Micro-batch memberships for a memory-bound batch (planner.dealing): the sequences by
-        best-fit decreasing into micro-batches of at most κ_min·N tokens (κ_min: the least
-        tokens per rank of any allowed degree, so every micro-batch fits whatever its tiling,
-        as Megatron's scheduler does), and the longest ones dealt round-robin over that many
-        micro-batches and the next smaller counts, then filled by LPT on rank-time."""
-        n = self.num_ranks
-        per_rank = min(self.cost.token_capacity(d) / d for d in self.cost.degrees(n))
-        capacity = max(int(per_rank * n), max(self.lengths[i] for i in kept))
-        filled = best_fit_decreasing(self.lengths, kept, capacity)
-        result = [filled]
-        for m in range(len(filled), max(1, len(filled) - _DEAL_BELOW) - 1, -1):
-            dealt = deal_microbatches(kept, self.lengths, m, n, self.cost)
-            if dealt is not None:
-                result.append(dealt)
-        return result
-
     def solve_cut(self, kept: list[int], m: int, beat_ms: float | None) -> list[_Slice] | None:
         """Solve every slice of the M-way token-balanced cut (see solve_members)."""
         cut = cut_microbatches([self.lengths[i] for i in kept], m)
         return self.solve_members([kept[lo:hi] for lo, hi in cut], beat_ms)
 
-    def solve_members(self, members: list[list[int]], beat_ms: float | None) -> list[_Slice] | None:
+    def solve_members(self, members: list[list[int]], beat_ms: float | None, own=None) -> list[_Slice] | None:
         """Solve every micro-batch; None if one is infeasible, or once the micro-batches solved
-        plus the lower bounds of the rest cannot beat ``beat_ms``."""
+        plus the lower bounds of the rest cannot beat ``beat_ms``. ``own``: per micro-batch,
+        groups and makespan (ms) known to be feasible (Megatron's), kept where faster."""
+        if not all(self._may_fit(seqs) for seqs in members):
+            return None
         bounds = [DemandModel(seqs, self.lengths, self.num_ranks, self.cost).lower_bound_ms() for seqs in members]
         slices: list[_Slice | None] = [None] * len(members)
         done_ms, left_ms = 0.0, sum(bounds)
@@ -227,11 +219,29 @@ class _Search:
             if beat_ms is not None and done_ms + left_ms + bounds[j] >= beat_ms:
                 return None
             planned = self.solve_slice(members[j], bounds[j])
+            if own is not None and (planned is None or own[j][1] < planned.makespan_ms):
+                planned = _Slice(own[j][0], own[j][1], False)
             if planned is None:
                 return None
             slices[j] = planned
             done_ms += planned.makespan_ms
         return slices
+
+    def _may_fit(self, seqs: list[int]) -> bool:
+        """A necessary condition for a micro-batch to fit in memory: its tokens fit in the group
+        of its longest sequence (degree d ≥ the least that holds it) plus the other N − d ranks
+        at the best tokens per rank of any degree. False proves it infeasible (cheaply)."""
+        if self._capacity is None:
+            degrees = self.cost.degrees(self.num_ranks)
+            per_rank = max(self.cost.token_capacity(d) / d for d in degrees)
+            self._capacity = [(self.cost.token_capacity(d), d, per_rank) for d in degrees]
+        longest = max(self.lengths[i] for i in seqs)
+        tokens = sum(self.lengths[i] for i in seqs)
+        room = max(
+            (kappa + (self.num_ranks - d) * per_rank for kappa, d, per_rank in self._capacity if kappa >= longest),
+            default=-1.0,
+        )
+        return tokens <= room * (1 + 1e-12)
 
     def _solve_milp(self, buckets: list[list[int]]) -> MilpResult:
         """The chosen solver, then CBC if that one errors out (not if it proves infeasibility)."""
@@ -273,7 +283,7 @@ class _Search:
         """The best of the combinatorial, homogeneous and (small slices) MILP packings."""
         local = {i: self.lengths[i] for i in seqs}
         table = TimeTable(local, self.cost)
-        moldable = moldable_packing(seqs, local, self.num_ranks, self.cost, table=table)
+        moldable = None if self.memory_bound else moldable_packing(seqs, local, self.num_ranks, self.cost, table=table)
         # A combinatorial plan at the slice's lower bound is optimal: nothing else can beat it.
         if moldable is not None and moldable.makespan_ms() <= bound_ms * (1 + 1e-12):
             return _Slice(moldable.groups(), moldable.makespan_ms(), False, False)
