@@ -1,17 +1,21 @@
 """plan_step: one global batch of sequence lengths → a StepPlan (FlexSP Algorithm 1, refined).
 
 1. Micro-batches. β is paid per micro-batch, so use few: from M_min = ⌈Σs / cluster token
-   capacity⌉ try M = M_min … M_min + extra_microbatches (more while none is feasible), cut the
+   capacity⌉ try M = M_min … M_min + extra_microbatches, cut the
    length-sorted batch into M consecutive token-balanced slices (planner.bucketing), solve each
    slice and keep the M with the least predicted time. An M whose lower bound M·β + work/N
    already exceeds the best total is skipped. When memory binds (none of those cuts is
    feasible: the micro-batches of the longest sequences need large groups that hold few
-   tokens), the candidates are instead memberships that spread the long sequences
-   (planner.dealing): best-fit decreasing into micro-batches of at most min_d κ_d/d · N tokens
-   (always feasible), and the longest sequences dealt round-robin over that many micro-batches
-   and up to _DEAL_BELOW fewer, then filled by LPT on rank-time. The small-slice MILP is off
-   there (tens of micro-batches). The micro-batch of the longest sequences is solved first, so
-   an infeasible candidate is dropped before its other micro-batches are solved.
+   tokens per rank), the consecutive cut is the wrong shape, and the candidates are instead
+   memberships that spread the long sequences (planner.dealing): Megatron-core's scheduler's
+   (its own groups stay candidates per micro-batch, so the plan is never slower than
+   Megatron's) and the longest sequences dealt round-robin over that many micro-batches and
+   up to two fewer, then filled by LPT on rank-time. Each such micro-batch gets the best
+   homogeneous packing (and, when small, the neighbouring tilings); with groups of any size
+   the first feasible cut beyond M_min + extra is a candidate too (a long sequence then
+   needs only part of the cluster). The micro-batch of the longest sequences is solved first
+   and a cheap necessary memory condition is checked before any, so an infeasible candidate
+   costs almost nothing.
 2. Per micro-batch, the best of these candidates under the cost model:
    - the combinatorial plan (planner.moldable: bisection on the makespan over the pooled rank
      demand, then LPT packing and local search; planner.packing);
@@ -176,8 +180,19 @@ class _Search:
             if best is not None and bound.at(m) >= best[1]:
                 break
             best = self._keep_best(best, self.solve_cut(kept, m, None if best is None else best[1]))
-        if best is None:
-            best = self._memory_bound(kept)
+        memory_bound = best is None
+        if memory_bound and self.cost.group_sizes == "any":
+            # Groups of any size hold a long sequence on part of the cluster (a 15K-token one
+            # on 40 of 64 ranks, not all 64), so a consecutive cut a little beyond M_min + extra
+            # is often feasible and mixes degrees well: the first feasible one is a candidate.
+            for m in range(bound.m_min + extra + 1, len(kept) + 1):
+                best = self._keep_best(best, self.solve_cut(kept, m, None))
+                if best is not None:
+                    break
+        if memory_bound:
+            found = self._memory_bound(kept)
+            if found is not None and (best is None or found[1] < best[1]):
+                best = found
         return best
 
     def _memory_bound(self, kept: list[int]) -> tuple[list[_Slice], float] | None:
