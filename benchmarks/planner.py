@@ -53,6 +53,7 @@ from planner import plan_step  # noqa: E402
 from planner.baselines import batch_adaptive, smallest_static_degree, static_sp  # noqa: E402
 from planner.cost import CostModel  # noqa: E402
 from planner.distributions import DEFAULT_CAP, length_stats, sample_lengths  # noqa: E402
+from planner.flexsp_milp import flexsp_milp_plan  # noqa: E402
 from planner.megatron_dcp import megatron_dynamic_cp  # noqa: E402
 
 COST_MODELS = CostModel.presets()
@@ -221,6 +222,51 @@ def measure_context(cap: int, args) -> dict:
     return result
 
 
+def measure_flexsp_milp(num_ranks: int, batch_size: int, cost_name: str, args) -> list[dict]:
+    """FlexSP's own virtual-group MILP (planner.flexsp_milp, wall-clock limited) side by side
+    with seqmoe and Megatron DCP on GitHub batches of ``batch_size`` sequences."""
+    cost = CostModel.preset(cost_name, world_size=num_ranks)
+    cap = min(args.cap, cost.max_sequence_length(num_ranks))
+    lengths = sample_lengths("github", args.flexsp_batches * batch_size, seed=args.seed, cap=cap)
+    rows = []
+    for b in range(args.flexsp_batches):
+        batch = lengths[b * batch_size : (b + 1) * batch_size]
+        ours, ours_wall, ours_cpu = _timed(lambda batch=batch: plan_step(batch, num_ranks=num_ranks, cost=cost))
+        megatron = megatron_dynamic_cp(batch, num_ranks=num_ranks, cost=cost)
+        limit = args.flexsp_time_limit
+        (flexsp, record), wall, cpu = _timed(
+            lambda batch=batch, limit=limit: flexsp_milp_plan(batch, num_ranks=num_ranks, cost=cost, time_limit_s=limit)
+        )
+        flexsp.validate(batch, cost)
+        row = {
+            "num_ranks": num_ranks,
+            "batch_size": batch_size,
+            "cost_model": cost_name,
+            "batch": b,
+            "seqmoe_time_s": ours.predicted_time_s,
+            "seqmoe_plan_wall_s": ours_wall,
+            "seqmoe_plan_cpu_s": ours_cpu,
+            "flexsp_milp_time_s": flexsp.predicted_time_s,
+            "flexsp_milp_wall_s": wall,
+            "flexsp_milp_cpu_s": cpu,
+            "flexsp_milp_record": record,
+            "megatron_time_s": megatron.predicted_time_s,
+            "lower_bound_s": ours.lower_bound_s,
+            "seqmoe_vs_flexsp_milp": flexsp.predicted_time_s / ours.predicted_time_s,
+            "flexsp_milp_vs_megatron": megatron.predicted_time_s / flexsp.predicted_time_s,
+        }
+        rows.append(row)
+        print(
+            f"flexsp-milp {cost_name:>17} {num_ranks:>3} x {batch_size:>3} batch {b}: "
+            f"seqmoe {ours.predicted_time_s:.3f} s ({ours_cpu:.3f} s CPU), "
+            f"FlexSP MILP {flexsp.predicted_time_s:.3f} s ({wall:.1f} s wall, "
+            f"{record['milps']} MILPs, {record['hit_limit']} at the {limit:g} s limit), "
+            f"Megatron {megatron.predicted_time_s:.3f} s",
+            flush=True,
+        )
+    return rows
+
+
 def _stats(values: list[float]) -> dict:
     return {
         "median": statistics.median(values),
@@ -314,6 +360,17 @@ def plot(rows: list[dict], scale: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _flexsp_size(text: str) -> tuple[tuple[int, int], list[str] | None]:
+    """'64x512:a,b' -> ((64, 512), ['a', 'b']); no ':' means every cost model."""
+    size, _, names = text.partition(":")
+    try:
+        ranks, seqs = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        hint = "expected RANKSxSEQUENCES, e.g. 16x64 or 64x512:hybrid-1b-h100"
+        raise SystemExit(f"--flexsp-sizes: got {text!r}; {hint}") from None
+    return (ranks, seqs), (names.split(",") if names else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 batches per case instead of 20, scale 1024 only")
@@ -336,6 +393,16 @@ def main() -> None:
     )
     parser.add_argument("--context-batches", type=int, help="GitHub batches per context cap (default 5; quick 1)")
     parser.add_argument(
+        "--flexsp-sizes",
+        nargs="*",
+        help="RANKSxSEQUENCES[:COST_MODEL,...] for FlexSP's own MILP baseline (default 8x32 16x64 on every "
+        "cost model and 64x512 on flexsp-gpt7b-a100 and hybrid-1b-h100; quick: 8x32 on hybrid-1b-h100); none to skip",
+    )
+    parser.add_argument("--flexsp-batches", type=int, help="GitHub batches per FlexSP MILP size (default 2; quick 1)")
+    parser.add_argument(
+        "--flexsp-time-limit", type=float, help="FlexSP MILP wall-clock limit per micro-batch, s (default 5; quick 1)"
+    )
+    parser.add_argument(
         "--out-dir",
         type=Path,
         default=DEFAULT_OUT_DIR,
@@ -348,6 +415,11 @@ def main() -> None:
     if args.scale_ranks is None:
         args.scale_ranks = [1024] if args.quick else [1024, 4096]
     args.scale_batches = args.scale_batches or (1 if args.quick else 5)
+    args.flexsp_batches = args.flexsp_batches or (1 if args.quick else 2)
+    if args.flexsp_sizes is None:
+        big = "64x512:flexsp-gpt7b-a100,hybrid-1b-h100"
+        args.flexsp_sizes = ["8x32:hybrid-1b-h100"] if args.quick else ["8x32", "16x64", big]
+    args.flexsp_time_limit = args.flexsp_time_limit or (1.0 if args.quick else 5.0)
     # wall times depend on how busy the machine was: record it (CPU times much less so)
     load_at_start = os.getloadavg()[0]
     rows = []
@@ -363,6 +435,13 @@ def main() -> None:
         if cost_name in args.cost_models
     ]
     context = [measure_context(cap, args) for cap in args.context_caps] if "hybrid-1b-h100" in args.cost_models else []
+    flexsp = [
+        row
+        for size, names in map(_flexsp_size, args.flexsp_sizes)
+        for cost_name in args.cost_models
+        if names is None or cost_name in names
+        for row in measure_flexsp_milp(*size, cost_name, args)
+    ]
     config = {
         "num_ranks": args.num_ranks,
         "batch_size": args.batch_size,
@@ -376,6 +455,9 @@ def main() -> None:
         "scale_batches": args.scale_batches,
         "context_caps": args.context_caps,
         "context_batches": args.context_batches,
+        "flexsp_sizes": args.flexsp_sizes,
+        "flexsp_batches": args.flexsp_batches,
+        "flexsp_time_limit_s": args.flexsp_time_limit,
         "quick": args.quick,
         "load_average_1m": {"start": load_at_start, "end": os.getloadavg()[0]},
         "megatron_source": "NVIDIA/Megatron-LM dev @ d48bd6be0a85cc0d6d3cc71e8750cf357cc6bdb1",
@@ -389,6 +471,7 @@ def main() -> None:
         "summary": summary,
         "scale": scale,
         "context_sweep": context,
+        "flexsp_milp": flexsp,
         "rows": rows,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

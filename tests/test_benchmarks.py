@@ -92,6 +92,10 @@ def test_planner_benchmark_writes_its_results(tmp_path):
     assert (tmp_path / "planner.png").stat().st_size > 0
     assert {"machine", "config", "summary", "rows"} <= set(result)
     assert result["config"]["num_ranks"] == 64 and result["config"]["batch_size"] == 128
+    # FlexSP's own MILP ran side by side, with its wall-clock limit recorded
+    flexsp = result["flexsp_milp"]
+    assert flexsp and all(r["flexsp_milp_record"]["time_limit_s"] == 1.0 for r in flexsp)
+    assert all(r["flexsp_milp_time_s"] >= r["lower_bound_s"] * (1 - 1e-9) for r in flexsp)
     # every cost-model preset x distribution, one batch each (the presets include tiny-cpu now)
     from planner.cost import CostModel
 
