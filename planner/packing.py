@@ -114,10 +114,13 @@ class Packing:
             return list(seqs)
         degree = bins[0].degree
         times, lengths = self.table.of(degree), self.lengths
+        order = sorted(seqs, key=lambda s: (-times[s], s))
+        if all(lengths[a] >= lengths[b] for a, b in zip(order, order[1:])):
+            return self._place_lpt_shrinking(order, bins, times)
         heap = [(b.work_ms, j) for j, b in enumerate(bins)]
         heapq.heapify(heap)
         left = []
-        for seq in sorted(seqs, key=lambda s: (-times[s], s)):
+        for seq in order:
             skipped = []
             size = lengths[seq]
             while heap and bins[heap[0][1]].tokens + size > bins[heap[0][1]].capacity:
@@ -133,6 +136,36 @@ class Packing:
                 left.append(seq)
             for item in skipped:
                 heapq.heappush(heap, item)
+        return left
+
+    def _place_lpt_shrinking(self, order: list[int], bins: list[_Bin], times: dict[int, float]) -> list[int]:
+        """place_lpt when the sizes never grow along ``order`` (time increases with length, the
+        usual case): a group without room for one sequence is parked, keyed by its room, and
+        comes back only once a sequence small enough arrives, instead of being popped and
+        pushed back for every sequence (which cost 27 M heap operations at 4096 ranks). The
+        choice is the same: the least (work, index) group with room."""
+        lengths = self.lengths
+        heap = [(b.work_ms, j) for j, b in enumerate(bins)]
+        heapq.heapify(heap)
+        parked: list[tuple[int, int, float]] = []  # (-room, index, work): largest room first
+        left = []
+        for seq in order:
+            size = lengths[seq]
+            while parked and -parked[0][0] >= size:
+                _, j, work = heapq.heappop(parked)
+                heapq.heappush(heap, (work, j))
+            while heap and bins[heap[0][1]].tokens + size > bins[heap[0][1]].capacity:
+                work, j = heapq.heappop(heap)
+                heapq.heappush(parked, (bins[j].tokens - bins[j].capacity, j, work))
+            if not heap:
+                left.append(seq)
+                continue
+            j = heap[0][1]
+            b = bins[j]
+            b.members.append(seq)
+            b.tokens += size
+            b.work_ms += times[seq]
+            heapq.heapreplace(heap, (b.work_ms, j))
         return left
 
     def place_anywhere(self, seqs: list[int]) -> bool:
