@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import parallel.doc_attention as doc_attention_module
 from parallel.doc_attention import (
     _buckets,
     doc_attention,
@@ -52,8 +53,8 @@ def _inputs(S: int, H: int, K: int, D: int = 8, E: int = 6, batch: int = 1):
     return q, k, v, g
 
 
-def _check(name, S, q_offset, T, bounds, causal, H, K, batch=1, method="auto"):
-    q, k, v, g = _inputs(S, H, K, batch=batch)
+def _check(name, S, q_offset, T, bounds, causal, H, K, batch=1, method="auto", E=6):
+    q, k, v, g = _inputs(S, H, K, E=E, batch=batch)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out = reference_softmax_attention(*leaves, causal=causal, bounds=bounds, scale=0.3)
     block = slice(q_offset, q_offset + T)
@@ -77,6 +78,27 @@ def _check(name, S, q_offset, T, bounds, causal, H, K, batch=1, method="auto"):
 @pytest.mark.parametrize("name,S,q_offset,T,bounds", LAYOUTS, ids=[row[0] for row in LAYOUTS])
 def test_matches_dense_reference(name, S, q_offset, T, bounds, causal, H, K):
     _check(name, S, q_offset, T, bounds, causal, H, K)
+
+
+PARTIAL = [row for row in LAYOUTS if document_pieces(row[2], row[3], row[1], causal=True, bounds=row[4])[0].k0 < row[2]]
+
+
+@pytest.mark.parametrize("H,K", HEADS, ids=[f"{h}q{k}kv" for h, k in HEADS])
+@pytest.mark.parametrize("name,S,q_offset,T,bounds", PARTIAL, ids=[row[0] for row in PARTIAL])
+def test_partial_piece_split_and_merged_by_log_sum_exp(name, S, q_offset, T, bounds, H, K, monkeypatch):
+    # equal q/v head dims: the piece whose document began before the block runs as a rectangle
+    # plus a causal square merged by log-sum-exp (_SplitPiece), not under an explicit mask
+    calls = []
+    apply = doc_attention_module._SplitPiece.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+
+    monkeypatch.setattr(doc_attention_module._SplitPiece, "apply", counted)
+    batch = 2 if bounds is None else 1  # one document: any batch
+    _check(name, S, q_offset, T, bounds, True, H, K, batch=batch, E=8)
+    assert len(calls) == 1 and calls[0][0] == batch
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
