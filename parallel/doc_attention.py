@@ -60,7 +60,6 @@ BUCKET_SLACK = 64
 # documents of 64-2,048 tokens into padded buckets cost more in copies than it saved in calls);
 # shorter ones that are not part of an equal-length run are gathered into buckets
 SOLO_MIN = 64
-RUN_TOKENS = 4096
 # the CPU flash kernel SDPA dispatches to, called directly where the log-sum-exp is needed
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -381,14 +380,14 @@ def _bucket(pieces: list[Piece], *, causal: bool, device: torch.device) -> _Buck
 
 
 def _runs(pieces: tuple[Piece, ...]) -> list[list[Piece]]:
-    """Runs of consecutive square pieces of one length (at most RUN_TOKENS tokens each, so that
-    one call's working set stays cache-sized); other pieces alone."""
+    """Runs of consecutive square pieces of one length, however long (the CPU flash kernel works
+    per document and query block, so a bigger batch costs no cache; measured at 8K-32K tokens of
+    256-token documents, one call for all beat calls of 4,096 tokens by 10-15% in CPU time, the
+    split and cat around them included); other pieces alone."""
     runs: list[list[Piece]] = []
     for p in pieces:
         last = runs[-1][-1] if runs else None
         same = last is not None and last.square and p.square and last.q1 - last.q0 == p.q1 - p.q0
-        if same and (len(runs[-1]) + 1) * (p.q1 - p.q0) > RUN_TOKENS:
-            same = False
         runs[-1].append(p) if same else runs.append([p])
     return runs
 
@@ -450,6 +449,8 @@ def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], *, cau
     k_win, v_win = k, v
     if (lo, hi) != (0, k.shape[1]):  # a slice's backward writes a full-size zero gradient: only when needed
         k_win, v_win = k[:, lo:hi], v[:, lo:hi]
+    if len(plan.parts) == 1 and not plan.buckets:  # one run of equal documents: no split, no cat
+        return _run_call(q, k_win, v_win, plan.parts[0].count, causal=causal, scale=scale)
     # split (not slicing): one autograd node whose backward is one cat, not a full-size zero
     # gradient per piece
     q_parts = q.split([part.q_len for part in plan.parts], dim=1)

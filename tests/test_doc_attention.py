@@ -26,7 +26,8 @@ from tests.attention_cases import output_and_grads, reference_softmax_attention,
 TOL = 1e-10
 
 # (name, S, q_offset, T, bounds): documents on the block's cuts, inside it, spanning it, many
-# short ones of similar length (padded buckets), runs of equal length (batched views), all of
+# short ones of similar length (padded buckets), runs of equal length (batched views; the whole
+# block one run: no split), all of
 # these in one block, one document (bounds None)
 LAYOUTS = [
     ("on_cuts", 24, 8, 8, [0, 8, 16, 24]),
@@ -36,6 +37,8 @@ LAYOUTS = [
     ("many_similar", 64, 0, 64, [0, 9, 17, 26, 33, 41, 44, 46, 50, 64]),
     ("many_offset", 60, 20, 30, [0, 7, 19, 22, 29, 31, 40, 45, 51, 60]),
     ("equal_runs", 40, 0, 40, [0, 4, 8, 12, 20, 28, 30, 40]),
+    ("one_run", 32, 0, 32, [0, 8, 16, 24, 32]),
+    ("one_run_offset", 32, 16, 16, [0, 8, 16, 24, 32]),
     ("runs_gathered_and_partial", 48, 6, 36, [0, 10, 14, 18, 22, 25, 27, 35, 43, 48]),
     ("one_doc", 24, 8, 8, None),
     ("first_block", 24, 0, 8, [0, 2, 3, 11, 24]),
