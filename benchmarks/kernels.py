@@ -210,6 +210,60 @@ def bench_attention(
     return rows
 
 
+def _partial_piece_fns(doc: int, queries: int) -> dict[str, Callable[[], None]]:
+    """The piece of a ``doc``-token document whose last ``queries`` tokens are a rank's block:
+    per_doc's split (an unmasked rectangle plus a causal square merged by log-sum-exp), the piece
+    under its explicit bottom-right mask (the former path), and the whole document on one rank."""
+    g = torch.Generator().manual_seed(doc)
+    q = torch.randn(1, queries, H, D, generator=g).requires_grad_()
+    k, v = (torch.randn(1, doc, H, D, generator=g).requires_grad_() for _ in range(2))
+    grad_o = torch.ones(1, queries, H, D)
+
+    def split() -> None:
+        q.grad = k.grad = v.grad = None
+        o = packed_attention(q, k, v, q_offset=doc - queries, causal=True, bounds=None, scale=SCALE)
+        o.backward(grad_o)
+
+    leaves = [t.transpose(1, 2).detach().clone().requires_grad_() for t in (q, k, v)]
+    mask = torch.ones(queries, doc, dtype=torch.bool).tril(doc - queries)
+
+    def masked() -> None:
+        q_p, k_p, v_p = leaves
+        q_p.grad = k_p.grad = v_p.grad = None
+        o = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask, scale=SCALE)
+        o.backward(grad_o.transpose(1, 2))
+
+    q_doc = torch.randn(1, H, doc, D, generator=g).requires_grad_()
+    k_doc, v_doc = (t.detach().clone().requires_grad_() for t in leaves[1:])
+    grad_doc = torch.ones(1, H, doc, D)
+
+    def whole_doc() -> None:
+        q_doc.grad = k_doc.grad = v_doc.grad = None
+        o = F.scaled_dot_product_attention(q_doc, k_doc, v_doc, is_causal=True, scale=SCALE)
+        o.backward(grad_doc)
+
+    return {"split": split, "masked": masked, "whole_doc": whole_doc}
+
+
+def bench_partial_piece(doc: int, queries: int, *, repeats: int) -> dict:
+    timing = interleaved(_partial_piece_fns(doc, queries), repeats=repeats)
+    entries = {"split": queries * (doc - queries) + queries * (queries + 1) // 2, "whole_doc": doc * (doc + 1) // 2}
+    entries["masked"] = entries["split"]
+    row = {
+        "doc": doc,
+        "queries": queries,
+        "score_entries": entries,
+        "timing": timing,
+        "cpu_ratio_to_masked": {m: t["cpu_median_s"] / timing["masked"]["cpu_median_s"] for m, t in timing.items()},
+        # CPU ns per score entry and head: the work-proportional cost of each way
+        "cpu_ns_per_entry": {m: t["cpu_median_s"] * 1e9 / (entries[m] * H) for m, t in timing.items()},
+        "loadavg": os.getloadavg(),
+    }
+    ns = "  ".join(f"{m} {t * 1e3:.0f} ms" for m, t in ((m, t["cpu_median_s"]) for m, t in timing.items()))
+    print(f"partial piece ({queries} queries of a {doc}-token document), cpu: {ns}", flush=True)
+    return row
+
+
 def _moe_fns(d: int, hidden: int, E: int, tokens: int) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     x = torch.randn(tokens, d, requires_grad=True)
@@ -355,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes, cases, repeats=repeats, dense_max=args.dense_max_tokens, dense_repeats=args.dense_repeats
     )
     result["attention_cost_fit"] = fit_attention_cost(result["softmax"])
+    result["partial_piece"] = bench_partial_piece(2048, 1024, repeats=repeats)
     write_json("kernels", result, args.out_dir)
     result["moe"] = bench_moe(args.moe_tokens, shapes, repeats=repeats)
     path = write_json("kernels", result, args.out_dir)

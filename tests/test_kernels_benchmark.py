@@ -33,6 +33,7 @@ def test_kernels_benchmark_writes_its_results(tmp_path):
         for key in ("ratio_to_one_by_one", "min_ratio_to_one_by_one", "cpu_ratio_to_one_by_one"):
             assert set(row[key]) == methods
         assert all(len(t["cpu_samples_s"]) == len(t["samples_s"]) == 1 for t in row["timing"].values())
+    assert set(result["partial_piece"]["timing"]) == {"split", "masked", "whole_doc"}
     assert {row["shape"] for row in result["moe"]} == {"tiny-cpu", "fine-grained", "wide"}
     assert all(set(row["tokens_per_s"]) == {"loop", "grouped"} for row in result["moe"])
     assert result["machine"]["git_revision"]
