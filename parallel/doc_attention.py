@@ -21,12 +21,17 @@ Backends (``backend="auto"`` takes the first that applies):
   <= 256 and a multiple of 8); its causal mask is bottom-right aligned (flash-attn >= 2.1) and
   it takes GQA natively.
 * ``"flex"``: torch ``flex_attention`` (CUDA) with a document block mask, compiled once.
-* ``"sdpa"``: torch SDPA per piece. A piece whose queries are its whole document (every
-  document that starts inside the block) is a square causal block: those are batched by
+* ``"sdpa"``: torch SDPA per piece (see :func:`_sdpa_plan`). A piece whose queries are its whole
+  document (every document that starts inside the block) is a square causal block: a run of
+  consecutive documents of one length is one call on a reshaped view (no copy); other documents
+  of at least SOLO_MIN tokens run alone on split views; shorter single ones are batched by
   similar length, right-padded (causal: padded keys lie after every real query, so
-  ``is_causal`` hides them; bidirectional: a key-padding mask) and run in one SDPA call per
-  bucket. At most one piece per block starts before the block (its document began on an earlier
-  rank) and needs the explicit bottom-right mask, of that piece's size only.
+  ``is_causal`` hides them; bidirectional: a key-padding mask) and run in one call per bucket.
+  At most one piece per block starts before the block (its document began on an earlier rank).
+  On CPU with equal q/v head dims it runs as its keys before the block (a rectangle every query
+  sees: no mask) plus the block's own keys (a causal square), merged by log-sum-exp
+  (:class:`_SplitPiece`, the CPU flash kernel called directly); otherwise under an explicit
+  bottom-right mask of that piece's size.
 
 GQA: k/v keep their H_kv heads. With ``is_causal`` SDPA's ``enable_gqa`` shares them (the CPU
 and CUDA flash kernels read the shared head, no copy); where a mask is needed the G query heads
