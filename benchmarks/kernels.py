@@ -14,7 +14,9 @@ issue's case), or seeded log-uniform lengths in [64, 2048]. Methods:
 * ``per_doc``: ``packed_attention`` (``parallel.doc_attention``, SDPA per document);
 * ``one_by_one``: every document piece by its own SDPA call with ``is_causal`` (the piece whose
   document began before the block: under its bottom-right mask, made once), its q, k, v leaves
-  of their own (the baseline the target ratio per_doc / one_by_one <= 1.2 refers to).
+  of their own (the baseline the target ratio per_doc / one_by_one <= 1.2 refers to);
+* ``per_doc_window`` (W > 1): per_doc given k/v of only the block's visible key window, i.e.
+  without the full-size zero gradients of the keys before it that LASP-2H's gathered K/V need.
 
 The upstream gradient of each method is made once, outside the timed step. Also the partial
 piece alone (1,024 queries of a 2,048-token document): per_doc's split vs the masked piece vs
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -154,7 +157,28 @@ def _attention_fns(N: int, bounds: list[int], *, ranks: int, with_dense: bool) -
     fns = {"per_doc": packed("auto"), "one_by_one": one_by_one}
     if with_dense:
         fns["dense"] = packed("dense")
+    if ranks > 1:
+        fns["per_doc_window"] = _window_fn(q, k, v, grad_o, q_offset=q_offset, bounds=bounds)
     return fns
+
+
+def _window_fn(
+    q: Tensor, k: Tensor, v: Tensor, grad_o: Tensor, *, q_offset: int, bounds: list[int]
+) -> Callable[[], None]:
+    """per_doc with k/v leaves of only the block's visible key window ``[lo, N)``: the kernel
+    without the zero gradients LASP-2H's full-size gathered K/V need for the keys before it."""
+    T, N = q.shape[1], k.shape[1]
+    lo = document_pieces(q_offset, T, N, causal=True, bounds=bounds)[0].k0
+    q_w = q.detach().clone().requires_grad_()
+    k_w, v_w = (t[:, lo:].detach().clone().requires_grad_() for t in (k, v))
+    bounds_w = [0] + [b - lo for b in bounds if b > lo]
+
+    def step() -> None:
+        q_w.grad = k_w.grad = v_w.grad = None
+        o = packed_attention(q_w, k_w, v_w, q_offset=q_offset - lo, causal=True, bounds=bounds_w, scale=SCALE)
+        o.backward(grad_o)
+
+    return step
 
 
 def _ratios(timing: dict[str, dict], stat: str) -> dict[str, float]:
@@ -219,6 +243,8 @@ def bench_attention(
             per_doc += f" (fastest {row['cpu_min_ratio_to_one_by_one']['per_doc']:.2f}x)"
             per_doc += f" paired wall {row['paired_ratio']['wall']:.2f}x cpu {row['paired_ratio']['cpu']:.2f}x"
             dense = f" dense {row['ratio_to_one_by_one']['dense']:.1f}x" if with_dense else ""
+            if ranks > 1:
+                dense = f" per_doc_window cpu {row['cpu_ratio_to_one_by_one']['per_doc_window']:.2f}x"
             times = "  ".join(
                 f"{m} {t['median_s'] * 1e3:.0f}/{t['cpu_median_s'] * 1e3:.0f} ms" for m, t in timing.items()
             )

@@ -29,7 +29,7 @@ def test_kernels_benchmark_writes_its_results(tmp_path):
     assert {row["docs"] for row in result["softmax"]} == {"uniform256", "mixed"}
     assert {row["ranks"] for row in result["softmax"]} == {1, 4}
     for row in result["softmax"]:
-        methods = {"per_doc", "one_by_one"} | ({"dense"} if row["ranks"] == 1 else set())
+        methods = {"per_doc", "one_by_one"} | ({"dense"} if row["ranks"] == 1 else {"per_doc_window"})
         for key in ("ratio_to_one_by_one", "min_ratio_to_one_by_one", "cpu_ratio_to_one_by_one"):
             assert set(row[key]) == methods
         assert all(len(t["cpu_samples_s"]) == len(t["samples_s"]) == 1 for t in row["timing"].values())
