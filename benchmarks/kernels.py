@@ -390,7 +390,9 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = result["softmax"]
-    labels = [f"{r['tokens'] // 1024}K {r['docs']}\nW={r['ranks']}" for r in rows]
+    labels = [
+        f"{r['tokens'] // 1024}K W={r['ranks']}\n{'all-256' if r['docs'] == 'uniform256' else r['docs']}" for r in rows
+    ]
     bars = [("per_doc", "ratio_to_one_by_one", "per_doc wall"), ("per_doc", "cpu_ratio_to_one_by_one", "per_doc CPU")]
     bars.append(("dense", "ratio_to_one_by_one", "dense wall"))
     width = 0.27
