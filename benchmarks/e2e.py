@@ -33,8 +33,11 @@ DeepSpeed gradient reduction is not metered and is the same for every plan), pla
 (every plan is made in this process before training starts, while no rank runs, as the
 runtime's background planner would with a core of its own; "overlappable" = it finishes within
 the previous step's time), and the cost model's error: predicted / measured - 1, of the
-micro-batches' time against the measured forward + backward, and of the whole step (with the
-cost model's per-step term step_ms, measured by `seqmoe profile`) against the step. The step-0
+micro-batches' time against the measured forward + backward (which also holds the gradient
+reduction of the last backward, a part of step_ms: the calibration reports its size as
+``step_fit.fwd_bwd_intercept_ms``), and of the whole step (with the cost model's per-step
+term step_ms, fitted by `seqmoe profile` apart from beta_ms over training steps of 1-8
+micro-batches, runtime/step_profile.py) against the step. The step-0
 loss of every policy is recorded: same weights, same batch, different plans, so it must agree
 (plan invariance).
 
@@ -162,6 +165,10 @@ def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
             "fit_points": result.points,
             "fit_mean_abs_rel_error": result.mean_abs_rel_error,
             "fit_max_abs_rel_error": result.max_abs_rel_error,
+            # the training steps that identify step_ms apart from beta_ms (runtime/step_profile.py)
+            "step_points": result.step_points,
+            "step_fit": result.step_fit,
+            "step_fit_mean_abs_rel_error": result.step_mean_abs_rel_error,
             "calibration_s": time.perf_counter() - start,
         }
     return measured, calibrated_cost(measured, world_size=args.world_size, memory=args.memory), info
@@ -409,8 +416,11 @@ def plot(summary: dict, rows: list[dict], plans_info: dict, warmup: int, skipped
             ax.plot(xs, [r["step_s"] for r in mine], "x", color=f"C{i}", ms=4)
             top = max(top, *xs, *(r["step_s"] for r in mine))
         ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", ls="--", lw=1)
-        err = summary["cost_model_error"][f"{'calibrated' if key == 'predicted_s' else 'preset'}_vs_fwd_bwd"]
-        ax.set_title(f"{label}: mean |error| {err['mean_abs_pct']:.0f}% (fwd+bwd)", fontsize=10)
+        which = "calibrated" if key == "predicted_s" else "preset"
+        err, whole = (summary["cost_model_error"][f"{which}_vs_{part}"] for part in ("fwd_bwd", "step"))
+        ax.set_title(
+            f"{label}: mean |error| {err['mean_abs_pct']:.1f}% fwd+bwd, {whole['mean_abs_pct']:.1f}% step", fontsize=10
+        )
         ax.set_xlabel("predicted step time (s)")
         ax.set_ylabel("measured, slowest rank (s): o fwd+bwd, x whole step")
         ax.legend(fontsize=7)
@@ -557,10 +567,13 @@ def main() -> None:
         print(
             f"{policy:>15}: {s['tokens_per_s']:7.0f} tok/s, step {s['step_s'] * 1e3:7.0f} ms "
             f"(fwd+bwd {s['fwd_bwd_s'] * 1e3:6.0f}), {s['comm_bytes_per_step_max_rank'] / 2**20:6.2f} MiB, "
-            f"solve {s['solve_time_s']['median'] * 1e3:5.0f} ms, predicted {s['predicted_s'] * 1e3:6.0f} ms "
-            f"(err {err['calibrated_vs_fwd_bwd']['median_pct']:+.0f}% calibrated, "
-            f"{err['preset_vs_fwd_bwd']['median_pct']:+.0f}% preset)"
+            f"solve {s['solve_time_s']['median'] * 1e3:5.0f} ms, predicted step {s['predicted_step_s'] * 1e3:6.0f} ms "
+            f"(calibrated mean |err| {err['calibrated_vs_step']['mean_abs_pct']:.1f}% step, "
+            f"{err['calibrated_vs_fwd_bwd']['mean_abs_pct']:.1f}% fwd+bwd; "
+            f"preset {err['preset_vs_fwd_bwd']['median_pct']:+.0f}% fwd+bwd median)"
         )
+    for name, e in summary["cost_model_error"].items():
+        print(f"cost model {name}: mean |error| {e['mean_abs_pct']:.1f}%, median {e['median_pct']:+.1f}%")
     for name, s in summary["speedups"].items():
         print(
             f"{name}: measured {s['measured_median_of_step_ratios']:.2f}x, predicted {s['predicted_median_ratio']:.2f}x"

@@ -192,7 +192,8 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
     assert {r["policy"] for r in result["rows"]} == policies and len(result["rows"]) == 2 * len(policies)
     coefficients = result["cost_models"]["calibrated"]
     assert all(math.isfinite(coefficients[k]) and coefficients[k] >= 0 for k in ("quad_ms", "lin_ms", "beta_ms"))
-    assert coefficients["step_ms"] > 0 and coefficients["quad_sp_factor"] > 0  # measured by the profile
+    assert coefficients["step_ms"] >= 0 and coefficients["quad_sp_factor"] > 0  # fitted by the profile
+    assert result["cost_models"]["calibration"]["step_points"]  # the engine steps that identify step_ms
     assert result["cost_models"]["calibration"]["fit_points"]
     for policy, s in result["summary"]["per_policy"].items():
         assert policy in policies and s["steps"] == 1
