@@ -404,24 +404,25 @@ def plot(summary: dict, rows: list[dict], plans_info: dict, warmup: int, skipped
         ax.text(
             0.01, 0.98, "skipped: " + ", ".join(skipped), transform=ax.transAxes, va="top", fontsize=7, color="dimgrey"
         )
-    for ax, key, label in (
-        (axes[1], "predicted_s", "calibrated cost model"),
-        (axes[2], "predicted_preset_s", f"uncalibrated {PRESET} preset"),
+    for ax, key, step_key, label in (
+        (axes[1], "predicted_s", "predicted_step_s", "calibrated cost model"),
+        (axes[2], "predicted_preset_s", "predicted_preset_step_s", f"uncalibrated {PRESET} preset"),
     ):
         top = 0.0
         for i, p in enumerate(names):
             mine = [r for r in rows if r["policy"] == p and r["step"] >= warmup]
             xs = [plans_info[p][r["step"]][key] for r in mine]
             ax.plot(xs, [r["fwd_bwd_s"] for r in mine], "o", color=f"C{i}", ms=4, label=f"{p} fwd+bwd")
-            ax.plot(xs, [r["step_s"] for r in mine], "x", color=f"C{i}", ms=4)
-            top = max(top, *xs, *(r["step_s"] for r in mine))
+            steps = [plans_info[p][r["step"]][step_key] for r in mine]
+            ax.plot(steps, [r["step_s"] for r in mine], "x", color=f"C{i}", ms=4)
+            top = max(top, *xs, *steps, *(r["step_s"] for r in mine))
         ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", ls="--", lw=1)
         which = "calibrated" if key == "predicted_s" else "preset"
         err, whole = (summary["cost_model_error"][f"{which}_vs_{part}"] for part in ("fwd_bwd", "step"))
         ax.set_title(
             f"{label}: mean |error| {err['mean_abs_pct']:.1f}% fwd+bwd, {whole['mean_abs_pct']:.1f}% step", fontsize=10
         )
-        ax.set_xlabel("predicted step time (s)")
+        ax.set_xlabel("predicted (s): o micro-batches, x with step_ms")
         ax.set_ylabel("measured, slowest rank (s): o fwd+bwd, x whole step")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

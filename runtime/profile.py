@@ -3,7 +3,8 @@
 For every power-of-two SP degree d up to the world size and several sequence lengths s, all
 buddy groups of degree d run one packed sequence of s tokens through the real model's forward
 and backward at the same time (as in training, groups share the machine), and the slowest
-rank's time is recorded. The all-gather bandwidth of each group size is measured the same way.
+rank's time is recorded; the points take turns in every repeat (a burst of load hits them
+all alike). The all-gather bandwidth of each group size is measured the same way.
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
 gives the formulas). What remains, t_measured(s, d) - comm(s, d), is fitted by least squares to
@@ -183,8 +184,9 @@ def _slowest(ctx: ParallelContext, seconds: float) -> float:
     return t.item()
 
 
-def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
-    """Slowest rank's median ms of one fwd + bwd of a ``length``-token sequence per degree-d group."""
+def _model_timer(ctx, model, degree: int, length: int):
+    """A call that times one fwd + bwd of a ``length``-token sequence per degree-d group and
+    returns the slowest rank's ms."""
     ranks = ctx.buddy_group_of_degree(degree)
     group = ctx.group(ranks)
     T = length // degree
@@ -193,8 +195,8 @@ def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
     index = ranks.index(ctx.rank)
     local = tokens[:, index * T : (index + 1) * T]
     batch = SPContext.build(group, local_len=T, device=ctx.device, rank=index, num_ranks=degree)
-    samples = []
-    for rep in range(repeats + 1):
+
+    def timed() -> float:
         model.zero_grad(set_to_none=True)
         if ctx.world_size > 1:
             dist.barrier(group=ctx.world)
@@ -203,10 +205,23 @@ def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
         F.cross_entropy(logits.flatten(0, 1).float(), local.flatten()).backward()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = _slowest(ctx, time.perf_counter() - start)
-        if rep:  # the first run warms up allocators and gloo connections
-            samples.append(elapsed * 1e3)
-    return statistics.median(samples)
+        return _slowest(ctx, time.perf_counter() - start) * 1e3
+
+    return timed
+
+
+def _time_model_sweep(ctx, model, points: list[tuple[int, int]], repeats: int) -> list[float]:
+    """Slowest rank's median ms of each ``(degree, length)`` point. The points take turns in
+    every repeat, so that a burst of load on a shared machine lands on all of them alike
+    instead of bending the fitted curve at the points it hit."""
+    timers = [_model_timer(ctx, model, d, s) for d, s in points]
+    samples: list[list[float]] = [[] for _ in points]
+    for rep in range(repeats + 1):
+        for timer, got in zip(timers, samples):
+            ms = timer()
+            if rep:  # the first round warms up allocators and gloo connections
+                got.append(ms)
+    return [statistics.median(got) for got in samples]
 
 
 def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> float:
@@ -260,11 +275,8 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     )
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.parallel, config.moe).to(ctx.device)
-    rows = []
-    for degree in _degrees(world_size):
-        for length in lengths:
-            if length % degree == 0:
-                rows.append((degree, length, _time_model(ctx, model, degree, length, repeats)))
+    points = [(d, s) for d in _degrees(world_size) for s in lengths if s % d == 0]
+    rows = [(d, s, ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
     bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
     act = _activation_mb_per_token(model, min(lengths), ctx.device)
     budget = _memory_budget_gb(ctx, world_size)
