@@ -205,6 +205,11 @@ def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"all-gather bandwidth: {bandwidth or 'n/a (one process)'}")
     print(f"fit: mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}")
     print(f"per-step term: {result.cost.step_ms:.1f} ms; SP quadratic factor q(d>1): {result.cost.quad_sp_factor:.2f}")
+    fit = result.step_fit
+    print(
+        f"training steps of 1-8 micro-batches: beta {fit['bare_beta_ms']:.1f} ms bare -> {result.cost.beta_ms:.1f} ms "
+        f"in the engine; whole-step mean |error| {result.step_mean_abs_rel_error:.1%}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
