@@ -37,7 +37,10 @@ micro-batches' time against the measured forward + backward (which also holds th
 reduction of the last backward, a part of step_ms: the calibration reports its size as
 ``step_fit.fwd_bwd_intercept_ms``), and of the whole step (with the cost model's per-step
 term step_ms, fitted by `seqmoe profile` apart from beta_ms over training steps of 1-8
-micro-batches, runtime/step_profile.py) against the step. The step-0
+micro-batches, runtime/step_profile.py) against the step. The calibration also fits the same
+model to process CPU times (``ProfileResult.cpu_cost``); every plan priced with it is compared
+with the step's busiest-rank CPU time (``calibrated_cpu_time_vs_step_cpu``), an error that
+other jobs' load on a shared machine barely moves (absent with ``--cost-model``). The step-0
 loss of every policy is recorded: same weights, same batch, different plans, so it must agree
 (plan invariance).
 
@@ -145,19 +148,20 @@ def build_config(args) -> Config:
     return load_config(str(CONFIG), overrides)
 
 
-def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
-    """(raw profile, cost model to plan with, calibration facts); see the module docstring."""
+def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict, CostModel | None]:
+    """(raw profile, cost model to plan with, calibration facts, the CPU-time model or None
+    when a saved calibration is reused); see the module docstring."""
     from runtime.profile import profile_cost_model
 
     start = time.perf_counter()
     if args.cost_model:
-        measured = CostModel.from_json(args.cost_model)
+        measured, cpu = CostModel.from_json(args.cost_model), None
         info = {"source": str(args.cost_model), "calibration_s": 0.0}
     else:
         result = profile_cost_model(
             config, world_size=args.world_size, lengths=args.calibration_lengths, repeats=args.calibration_repeats
         )
-        measured = result.cost
+        measured, cpu = result.cost, result.cpu_cost
         info = {
             "source": "runtime.profile.profile_cost_model in this run",
             "lengths": args.calibration_lengths,
@@ -171,7 +175,10 @@ def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
             "step_fit_mean_abs_rel_error": result.step_mean_abs_rel_error,
             "calibration_s": time.perf_counter() - start,
         }
-    return measured, calibrated_cost(measured, world_size=args.world_size, memory=args.memory), info
+    calibrated = calibrated_cost(measured, world_size=args.world_size, memory=args.memory)
+    if cpu is not None:
+        cpu = calibrated_cost(cpu, world_size=args.world_size, memory=args.memory)
+    return measured, calibrated, info, cpu
 
 
 def calibrated_cost(profiled: CostModel, *, world_size: int, memory: str = "preset") -> CostModel:
@@ -216,6 +223,7 @@ def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch, ste
         "step_s": float(times[:, 0].max()),
         "fwd_bwd_s": float(times[:, 1].max()),
         "cpu_s_all_ranks": float(times[:, 2].sum()),
+        "cpu_s_max_rank": float(times[:, 2].max()),
         "fwd_bwd_s_by_rank": times[:, 1].tolist(),
         "comm_bytes_sent_max_rank": int(times[:, 3].max()),
         "comm_by_kind": meter.summary(),  # this rank's (rank 0's in the JSON rows)
@@ -292,6 +300,14 @@ def _error_stats(pairs: list[tuple[float, float]]) -> dict:
     }
 
 
+def _cpu_error_stats(info: list[dict], rows: list[dict]) -> dict | None:
+    """The CPU-time model's error against the steps' busiest-rank CPU time (None without one)."""
+    pairs = [(i["predicted_cpu_step_s"], r["cpu_s_max_rank"]) for i, r in zip(info, rows)]
+    if not pairs or any(p is None for p, _ in pairs):
+        return None
+    return _error_stats(pairs)
+
+
 def _linear_fit(xs: list[float], ys: list[float]) -> dict:
     """measured ≈ slope · predicted + intercept (least squares)."""
     n, mx, my = len(xs), statistics.fmean(xs), statistics.fmean(ys)
@@ -335,6 +351,7 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                 "preset_vs_step": _error_stats(
                     [(i["predicted_preset_step_s"], r["step_s"]) for i, r in zip(info, mine)]
                 ),
+                "calibrated_cpu_time_vs_step_cpu": _cpu_error_stats(info, mine),
             },
         }
     per = out["per_policy"]
@@ -372,6 +389,9 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                 **_error_stats(pairs),
                 "fit_measured_vs_predicted": _linear_fit([p for p, _ in pairs], [m for _, m in pairs]),
             }
+    out["cost_model_error"]["calibrated_cpu_time_vs_step_cpu"] = _cpu_error_stats(
+        [plans_info[r["policy"]][r["step"]] for r in measured], measured
+    )
     losses = {r["policy"]: r["loss"] for r in rows if r["step"] == 0}
     first = next(iter(losses.values()))
     # same weights, same batch, different plans: the step-0 loss must agree (plan invariance)
@@ -479,7 +499,7 @@ def main() -> None:
     start, load_start = time.perf_counter(), os.getloadavg()
     config = build_config(args)
     print(f"calibrating the cost model on {W} gloo ranks ...", flush=True)
-    profiled, cost, calibration = calibrate(config, args)
+    profiled, cost, calibration, cpu_cost = calibrate(config, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if not args.cost_model:  # what `seqmoe profile` writes: reusable with --cost-model
         (args.out_dir / f"{args.name}_profile.json").write_text(profiled.to_json() + "\n")
@@ -507,6 +527,8 @@ def main() -> None:
                     "predicted_preset_s": predicted_s(plan, lengths, preset),
                     "predicted_step_s": predicted_step_s(plan, lengths, cost),
                     "predicted_preset_step_s": predicted_step_s(plan, lengths, preset),
+                    # the same plan priced in process CPU time, which the machine's load barely moves
+                    "predicted_cpu_step_s": predicted_step_s(plan, lengths, cpu_cost) if cpu_cost else None,
                     "microbatches": len(plan.microbatches),
                     "shape": plan.shapes(),
                 }
@@ -539,6 +561,7 @@ def main() -> None:
         },
         "cost_models": {
             "calibrated": json_fields(cost),
+            "calibrated_cpu_time": json_fields(cpu_cost) if cpu_cost else None,
             "profiled": json_fields(profiled),
             "calibration": calibration,
             "preset": json_fields(preset),
@@ -574,7 +597,8 @@ def main() -> None:
             f"preset {err['preset_vs_fwd_bwd']['median_pct']:+.0f}% fwd+bwd median)"
         )
     for name, e in summary["cost_model_error"].items():
-        print(f"cost model {name}: mean |error| {e['mean_abs_pct']:.1f}%, median {e['median_pct']:+.1f}%")
+        if e is not None:
+            print(f"cost model {name}: mean |error| {e['mean_abs_pct']:.1f}%, median {e['median_pct']:+.1f}%")
     for name, s in summary["speedups"].items():
         print(
             f"{name}: measured {s['measured_median_of_step_ratios']:.2f}x, predicted {s['predicted_median_ratio']:.2f}x"

@@ -62,6 +62,9 @@ class ProfileResult:
     """Each calibration training step (runtime/step_profile.py): measured and predicted whole-step ms."""
     step_fit: dict = field(default_factory=dict)
     """S and δ of runtime/step_profile.py (2), and the same fit to the steps' forward + backward."""
+    cpu_cost: CostModel | None = None
+    """The same fit to the busiest rank's process CPU times instead of wall times: a load
+    that time-shares the machine's cores stretches wall times, barely CPU times."""
 
     @property
     def mean_abs_rel_error(self) -> float:
@@ -186,7 +189,7 @@ def _slowest(ctx: ParallelContext, seconds: float) -> float:
 
 def _model_timer(ctx, model, degree: int, length: int):
     """A call that times one fwd + bwd of a ``length``-token sequence per degree-d group and
-    returns the slowest rank's ms."""
+    returns the slowest rank's (wall ms, process CPU ms)."""
     ranks = ctx.buddy_group_of_degree(degree)
     group = ctx.group(ranks)
     T = length // degree
@@ -196,32 +199,33 @@ def _model_timer(ctx, model, degree: int, length: int):
     local = tokens[:, index * T : (index + 1) * T]
     batch = SPContext.build(group, local_len=T, device=ctx.device, rank=index, num_ranks=degree)
 
-    def timed() -> float:
+    def timed() -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
         if ctx.world_size > 1:
             dist.barrier(group=ctx.world)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         logits = model(local, batch).logits
         F.cross_entropy(logits.flatten(0, 1).float(), local.flatten()).backward()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        return _slowest(ctx, time.perf_counter() - start) * 1e3
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return _slowest(ctx, wall) * 1e3, _slowest(ctx, cpu) * 1e3
 
     return timed
 
 
-def _time_model_sweep(ctx, model, points: list[tuple[int, int]], repeats: int) -> list[float]:
-    """Slowest rank's median ms of each ``(degree, length)`` point. The points take turns in
+def _time_model_sweep(ctx, model, points: list[tuple[int, int]], repeats: int) -> list[tuple[float, float]]:
+    """Slowest rank's median (wall ms, CPU ms) of each ``(degree, length)`` point. The points take turns in
     every repeat, so that a burst of load on a shared machine lands on all of them alike
     instead of bending the fitted curve at the points it hit."""
     timers = [_model_timer(ctx, model, d, s) for d, s in points]
-    samples: list[list[float]] = [[] for _ in points]
+    samples: list[list[tuple[float, float]]] = [[] for _ in points]
     for rep in range(repeats + 1):
         for timer, got in zip(timers, samples):
             ms = timer()
             if rep:  # the first round warms up allocators and gloo connections
                 got.append(ms)
-    return [statistics.median(got) for got in samples]
+    return [(statistics.median(w for w, _ in got), statistics.median(c for _, c in got)) for got in samples]
 
 
 def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> float:
@@ -276,7 +280,7 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.parallel, config.moe).to(ctx.device)
     points = [(d, s) for d in _degrees(world_size) for s in lengths if s % d == 0]
-    rows = [(d, s, ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
+    rows = [(d, s, *ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
     bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
     act = _activation_mb_per_token(model, min(lengths), ctx.device)
     budget = _memory_budget_gb(ctx, world_size)
@@ -324,27 +328,20 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         comm_bytes_per_group=per_group,
         bandwidth_gbps=bandwidth,
     )
-    compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
-    alpha1, alpha2, beta = fit_coefficients(compute, quad_sp_factor=quad_sp_factor)
-    bare = dataclasses.replace(
-        probe,
-        quad_ms=alpha1,
-        lin_ms=alpha2,
-        beta_ms=beta,
-        quad_sp_factor=quad_sp_factor,
-        model_state_gb=zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size),
-        name=f"{config.name}-profiled",
-    )
-    # runtime/step_profile.py (2): the engine steps' residuals over the bare model give S and δ
-    stepped, whole, inside = apply_step_fit(bare, engine_steps)
-    cost = dataclasses.replace(
-        stepped,
-        notes=f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
+    model_state_gb = zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size)
+    wall = [(d, s, ms) for d, s, ms, _ in rows]
+    bare, stepped, whole, inside = _fit(probe, wall, engine_steps, quad_sp_factor, "wall", model_state_gb)
+    notes = (
+        f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
         f"{num_params} parameters; step_ms and beta_ms from training steps of 1-8 micro-batches "
-        "through the DeepSpeed engine (runtime/step_profile.py)",
+        "through the DeepSpeed engine (runtime/step_profile.py)"
     )
+    cost = dataclasses.replace(stepped, name=f"{config.name}-profiled", notes=notes)
+    cpu = [(d, s, ms) for d, s, _, ms in rows]
+    _, cpu_cost, _, _ = _fit(probe, cpu, engine_steps, quad_sp_factor, "cpu", model_state_gb)
+    cpu_cost = dataclasses.replace(cpu_cost, name=f"{config.name}-profiled-cpu-time", notes=f"{notes}; CPU times")
     points = []
-    for d, s, ms in rows:  # the bare model's timings against the bare fit (beta before δ)
+    for d, s, ms in wall:  # the bare model's timings against the bare fit (beta before δ)
         predicted = bare.group_time_ms([s], d)
         points.append(
             {"degree": d, "length": s, "measured_ms": ms, "predicted_ms": predicted, "rel_error": (predicted - ms) / ms}
@@ -366,8 +363,21 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
     step_fit = {
         "step_ms": whole.step_ms,
         "delta_beta_ms": whole.delta_ms,
-        "bare_beta_ms": beta,
+        "bare_beta_ms": bare.beta_ms,
         "fwd_bwd_intercept_ms": inside.step_ms,
         "fwd_bwd_delta_beta_ms": inside.delta_ms,
     }
-    return ProfileResult(cost, points, bandwidth, step_points, step_fit)
+    return ProfileResult(cost, points, bandwidth, step_points, step_fit, cpu_cost)
+
+
+def _fit(probe: CostModel, rows, steps, quad_sp_factor: float, clock: str, model_state_gb: float):
+    """(bare fit, final model, whole-step fit, fwd + bwd fit) of ``rows`` ``(d, s, ms)`` and the
+    engine ``steps`` on ``clock`` ('wall' or 'cpu'), the communication terms of ``probe`` removed."""
+    compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
+    alpha1, alpha2, beta = fit_coefficients(compute, quad_sp_factor=quad_sp_factor)
+    bare = dataclasses.replace(
+        probe, quad_ms=alpha1, lin_ms=alpha2, beta_ms=beta, quad_sp_factor=quad_sp_factor, model_state_gb=model_state_gb
+    )
+    # runtime/step_profile.py (2): the engine steps' residuals over the bare model give S and δ
+    stepped, whole, inside = apply_step_fit(bare, steps, clock=clock)
+    return bare, stepped, whole, inside

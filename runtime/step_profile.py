@@ -33,6 +33,12 @@ step_ms = S and beta_ms = max(0, B_raw + δ); t(s, d) and c(d) are unchanged (δ
 for every degree and length). Fitting (2) to the steps' forward + backward time instead of
 the whole step gives the part of S paid inside the last backward (the gradient reduction):
 reported, not used.
+
+The same fits on the busiest rank's process CPU time instead of wall time give a second model
+(``clock="cpu"``) that a load from other jobs barely moves: on a shared machine, wall-clock
+error mixes the model's error with the load's drift between calibration and measurement; the
+CPU-time error is the model's alone (its communication terms are the wall-clock ones, a few
+per cent of a step here).
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class StepPoint:
     """The SP degree of each micro-batch (every rank runs one ``length``-token sequence per group)."""
     step_ms: float
     fwd_bwd_ms: float
+    step_cpu_ms: float = float("nan")
+    """The step's process CPU time on its busiest rank (a shared machine's load barely moves it)."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +115,19 @@ def fit_step_terms(points: list[tuple[int, float, float]]) -> StepFit:
     return StepFit(step_ms=float(S), delta_ms=float(delta), points=len(points))
 
 
-def apply_step_fit(bare: CostModel, points: list[StepPoint]) -> tuple[CostModel, StepFit, StepFit]:
+def apply_step_fit(
+    bare: CostModel, points: list[StepPoint], *, clock: str = "wall"
+) -> tuple[CostModel, StepFit, StepFit | None]:
     """``bare`` (the bare-model fit: B_raw, t, c) with step_ms = S and beta_ms = max(0, B_raw + δ)
     of (2) fitted to the whole ``points``; and the fits of (2) to the whole steps and to their
-    forward + backward parts."""
+    forward + backward parts. ``clock="cpu"`` fits the steps' CPU times (``bare`` fitted to
+    CPU times too; no forward + backward part: None)."""
     predicted = [math.fsum(bare.group_time_ms([p.length], d) for d in p.degrees) for p in points]
-    whole = fit_step_terms([(p.microbatches, b, p.step_ms) for p, b in zip(points, predicted)])
-    inside = fit_step_terms([(p.microbatches, b, p.fwd_bwd_ms) for p, b in zip(points, predicted)])
+    measured = [p.step_cpu_ms if clock == "cpu" else p.step_ms for p in points]
+    whole = fit_step_terms([(p.microbatches, b, m) for p, b, m in zip(points, predicted, measured)])
+    inside = None
+    if clock == "wall":
+        inside = fit_step_terms([(p.microbatches, b, p.fwd_bwd_ms) for p, b in zip(points, predicted)])
     cost = dataclasses.replace(bare, beta_ms=max(0.0, bare.beta_ms + whole.delta_ms), step_ms=whole.step_ms)
     return cost, whole, inside
 
@@ -169,22 +183,24 @@ def measure_engine_steps(ctx, config, steps: list[tuple[int, tuple[int, ...]]], 
         for i, (plan, batch) in enumerate(jobs):
             if W > 1:
                 dist.barrier(group=ctx.world)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fwd_bwd_s = train_step(model, engine, ctx, plan, batch).forward_backward_s
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
-            times = torch.tensor([time.perf_counter() - start, fwd_bwd_s], dtype=torch.float64)
+            elapsed = [time.perf_counter() - start, fwd_bwd_s, time.process_time() - cpu]
+            times = torch.tensor(elapsed, dtype=torch.float64)
             if W > 1:
                 dist.all_reduce(times, op=dist.ReduceOp.MAX, group=ctx.world)
             if rep:  # the first round builds the optimizer state and warms up allocators
-                samples[i].append((times[0].item() * 1e3, times[1].item() * 1e3))
+                samples[i].append(tuple(x * 1e3 for x in times.tolist()))
     return [
         StepPoint(
             microbatches=len(degrees),
             length=length,
             degrees=degrees,
-            step_ms=statistics.median(s for s, _ in got),
-            fwd_bwd_ms=statistics.median(f for _, f in got),
+            step_ms=statistics.median(s for s, _, _ in got),
+            fwd_bwd_ms=statistics.median(f for _, f, _ in got),
+            step_cpu_ms=statistics.median(c for _, _, c in got),
         )
         for (length, degrees), got in zip(steps, samples)
     ]

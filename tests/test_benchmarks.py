@@ -203,9 +203,12 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
         for error in s["cost_model_error"].values():
             assert math.isfinite(error["median_pct"]) and math.isfinite(error["mean_abs_pct"])
     assert set(result["summary"]["speedups"]) == {f"flexsp_vs_{p}" for p in policies - {"flexsp"}}
-    assert {"calibrated_vs_fwd_bwd", "calibrated_vs_step", "preset_vs_fwd_bwd", "preset_vs_step"} == set(
-        result["summary"]["cost_model_error"]
-    )
+    errors = result["summary"]["cost_model_error"]
+    assert {"calibrated_vs_fwd_bwd", "calibrated_vs_step", "preset_vs_fwd_bwd", "preset_vs_step"} | {
+        "calibrated_cpu_time_vs_step_cpu"  # calibrated in this run: its CPU-time model prices every plan too
+    } == set(errors)
+    assert all(math.isfinite(e["mean_abs_pct"]) for e in errors.values())
+    assert result["cost_models"]["calibrated_cpu_time"]["step_ms"] >= 0
     # same weights and batch, different plans: the first step's loss agrees (plan invariance)
     assert result["summary"]["step0_loss_max_rel_diff"] <= 1e-5
 

@@ -109,3 +109,13 @@ def test_calibration_plans_tile_the_ranks_with_the_degrees_that_divide_the_lengt
     ]
     # every sequence runs once, in one group
     assert sorted(i for mb in plan.microbatches for g in mb.groups for i in g.seq_indices) == list(range(count))
+
+
+def test_cpu_clock_fits_the_steps_cpu_times():
+    bare = _bare_model()
+    truth = dataclasses.replace(bare, beta_ms=130.0, step_ms=90.0)
+    # wall times stretched 2x by a load that time-shares the cores; CPU times are the truth's
+    points = [dataclasses.replace(p, step_cpu_ms=p.step_ms, step_ms=2 * p.step_ms) for p in _steps(truth)]
+    cost, whole, inside = apply_step_fit(bare, points, clock="cpu")
+    assert cost.step_ms == pytest.approx(90.0, rel=EXACT) and cost.beta_ms == pytest.approx(130.0, rel=EXACT)
+    assert inside is None  # no CPU time of the forward + backward part is measured
