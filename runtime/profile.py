@@ -19,7 +19,9 @@ The per-step term step_ms and the per-micro-batch term beta_ms as training pays 
 training steps through the DeepSpeed engine (runtime.step.train_step), of plans with 1, 2, 4
 and 8 micro-batches, identify what a step pays once apart from what each micro-batch pays
 (runtime/step_profile.py derives it): step - P = step_ms + M·δ over the bare-model prediction
-P, and beta_ms = beta + δ. The report gives those steps' relative errors too.
+P, and beta_ms = beta + δ. The report gives those steps' relative errors too. Every timing
+also records the busiest rank's process CPU time, and the same fits to those give
+``ProfileResult.cpu_cost``, a model that other jobs' load on a shared machine barely moves.
 
 Memory: the activations saved for backward are counted per token with autograd's saved-tensor
 hooks, model states follow from the parameter count and the ZeRO stage.
