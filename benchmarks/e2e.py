@@ -588,13 +588,15 @@ def main() -> None:
     plot(summary, rows, plans_info, args.warmup, skipped, args.out_dir / f"{args.name}.png", title)
     for policy, s in summary["per_policy"].items():
         err = s["cost_model_error"]
+        cpu = err["calibrated_cpu_time_vs_step_cpu"]
         print(
             f"{policy:>15}: {s['tokens_per_s']:7.0f} tok/s, step {s['step_s'] * 1e3:7.0f} ms "
             f"(fwd+bwd {s['fwd_bwd_s'] * 1e3:6.0f}), {s['comm_bytes_per_step_max_rank'] / 2**20:6.2f} MiB, "
             f"solve {s['solve_time_s']['median'] * 1e3:5.0f} ms, predicted step {s['predicted_step_s'] * 1e3:6.0f} ms "
             f"(calibrated mean |err| {err['calibrated_vs_step']['mean_abs_pct']:.1f}% step, "
-            f"{err['calibrated_vs_fwd_bwd']['mean_abs_pct']:.1f}% fwd+bwd; "
-            f"preset {err['preset_vs_fwd_bwd']['median_pct']:+.0f}% fwd+bwd median)"
+            f"{err['calibrated_vs_fwd_bwd']['mean_abs_pct']:.1f}% fwd+bwd"
+            + (f", {cpu['mean_abs_pct']:.1f}% CPU time; " if cpu else "; ")
+            + f"preset {err['preset_vs_fwd_bwd']['median_pct']:+.0f}% fwd+bwd median)"
         )
     for name, e in summary["cost_model_error"].items():
         if e is not None:
