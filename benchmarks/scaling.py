@@ -263,13 +263,14 @@ def in_job(sweep: Sweep, out_dir: Path) -> int:
         target = sweep.target_tokens(mode, W)
         batches = [token_batch(dataset, s, seed, target, mean_length) for s in range(num_steps)]
         lengths = [b.lengths for b in batches]
-        planned = [None]
+        planned, began = [None], time.perf_counter()
         if ctx.rank == 0:
             policies = policies_at(sweep, W, cost.degrees(W))
             planned[0] = plan_policies(policies, lengths, num_ranks=W, cost=cost, time_limit_s=sweep.time_limit_s)
         if W > 1:
             dist.broadcast_object_list(planned, src=0, group=ctx.world, device=torch.device("cpu"))
         stage = {"target_tokens": target, "batch_lengths": lengths, "policies": planned[0], "rows": []}
+        stage["runtime_s"] = {"planning": time.perf_counter() - began}
         payload["modes"][mode] = stage
 
         def on_row(row: dict, stage=stage, mode=mode) -> None:
@@ -283,7 +284,9 @@ def in_job(sweep: Sweep, out_dir: Path) -> int:
             stage["summary"] = summarise_mode(stage)
             write_json(path.stem, payload, out_dir)  # after every step: a killed job keeps what it measured
 
+        began = time.perf_counter()
         run_mode(ctx, config, dataset, batches, planned[0], sweep, on_row)
+        stage["runtime_s"]["training"] = time.perf_counter() - began  # model and engine builds included
     if ctx.rank == 0:
         payload["complete"] = True
         payload["load_average_1_5_15min"]["end"] = os.getloadavg()
@@ -333,10 +336,10 @@ def job_for(sweep: Sweep, world_size: int, out_dir: Path) -> _Job:
 
 
 def in_job_program(sweep: Sweep, out_dir: Path, *, quick: bool) -> list[str]:
-    """The argv after ``python`` on every rank (launchers.launch's program shape)."""
-    return ["-m", "benchmarks.scaling", str(sweep.path), "--in-job", "--out-dir", str(out_dir.resolve())] + (
-        ["--quick"] if quick else []
-    )
+    """The argv after ``python`` on every rank (launchers.launch's program shape); the step counts
+    travel explicitly so that every rank runs what the driver resolved."""
+    program = ["-m", "benchmarks.scaling", str(sweep.path), "--in-job", "--out-dir", str(out_dir.resolve())]
+    return program + ["--steps", str(sweep.steps), "--warmup", str(sweep.warmup)] + (["--quick"] if quick else [])
 
 
 def drive(sweep: Sweep, out_dir: Path, *, quick: bool, dry_run: bool, verbose: bool) -> int:
@@ -344,6 +347,8 @@ def drive(sweep: Sweep, out_dir: Path, *, quick: bool, dry_run: bool, verbose: b
 
     out_dir.mkdir(parents=True, exist_ok=True)
     program = in_job_program(sweep, out_dir, quick=quick)
+    # the ranks run `-m benchmarks.scaling` wherever they start (torchrun here, srun on the nodes)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     for W in sweep.world_sizes:
         job = job_for(sweep, W, out_dir)
         print(f"seqmoe bench scaling: world size {W} ({job.launch.nnodes} node(s) x {job.launch.nproc_per_node})")
@@ -395,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only merge the per-size JSON files into the report")
     parser.add_argument("--world-sizes", type=int, nargs="+", help="run only these sizes of the sweep")
     parser.add_argument("--quick", action="store_true", help="two smallest sizes, one step (seqmoe bench --quick)")
+    parser.add_argument("--steps", type=int, help="measured steps per mode and policy (default: sweep.steps)")
+    parser.add_argument("--warmup", type=int, help="unmeasured first steps (default: sweep.warmup)")
     parser.add_argument("--dry-run", action="store_true", help="print the launch commands (write sbatch scripts) only")
     parser.add_argument("--verbose", action="store_true", help="torchrun's own log lines")
     args, rest = parser.parse_known_args(argv)
@@ -402,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.sweep, launch_overrides=rest)
         if args.quick:
             apply_quick(sweep)
+        for name, low in (("steps", 1), ("warmup", 0)):
+            value = getattr(args, name)
+            if value is not None:
+                if value < low:
+                    raise SweepError(f"--{name} {value} must be >= {low}")
+                setattr(sweep, name, value)
         if args.world_sizes:
             missing = sorted(set(args.world_sizes) - set(sweep.world_sizes))
             if missing:
