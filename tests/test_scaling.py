@@ -163,7 +163,7 @@ def _check_report(out: Path, sizes: list[int], source: str) -> dict:
             stage = payload["modes"][mode]
             assert set(stage["policies"]) == expected, (W, mode)
             assert all(p["status"] == "ran" for p in stage["policies"].values()), stage["policies"]
-            for policy, planned in stage["policies"].items():
+            for planned in stage["policies"].values():
                 assert len(planned["plans"]) == len(stage["batch_lengths"]) == 2
                 for plan_json, lengths in zip(planned["plans"], stage["batch_lengths"]):
                     plan = StepPlan.from_json(plan_json)
