@@ -26,7 +26,7 @@ The three variants differ only in the set of tokens f is counted over:
 
 Gradient accumulation follows the paper's Algorithm 1: a per-site buffer of synchronised counts
 grows over the micro-batches of one optimizer step (micro-batch m sees the counts of micro-batches
-1..m) and is reset by ``end_step()`` (the runtime's ``train_step`` does it as each step begins).
+1..m) and is reset by ``begin_step()``, which the runtime's ``train_step`` calls as each step begins.
 
 Device discipline (DESIGN.md invariant 7): every count, buffer and loss lives on the routing
 tensors' device, counts are made with ``index_add_`` (CUDA's ``bincount`` reads its maximum
@@ -238,7 +238,7 @@ class BalanceTracker:
     of a layer) of a forward pass and turns them into one balance loss.
 
     Per micro-batch: ``begin_microbatch()``, forward (each site calls ``record``), ``result()``
-    (a ``BalanceLoss``) or ``loss()`` (its tensor). After the optimizer step: ``end_step()``.
+    (a ``BalanceLoss``) or ``loss()`` (its tensor). Before a step's first micro-batch: ``begin_step()``.
 
     - ``global``: the counts of all sites travel in **one** flattened all-reduce of
       sites×(E+1) float64 numbers, launched asynchronously as soon as the last site has routed,
@@ -451,9 +451,5 @@ class BalanceTracker:
 
     def begin_step(self) -> None:
         """Before a step's first micro-batch: an empty gradient-accumulation buffer."""
-        self.end_step()
-
-    def end_step(self) -> None:
-        """After the optimizer step: reset the gradient-accumulation buffer."""
         self.buffer_counts_SE.zero_()
         self.buffer_tokens_S.zero_()

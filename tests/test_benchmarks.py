@@ -266,3 +266,26 @@ def test_gpu_delta_check_smoke_run_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_delta_check.json").read_text())
     assert result["fla_available"] is False
     assert {row["backend"] for row in result["accuracy"]} == {"torch"} and len(result["throughput"]) == 1
+
+
+def test_soak_verdict_ignores_one_outlying_sample_but_not_a_leak():
+    """The RSS verdict is the Theil-Sen slope: one sample taken after the allocator gave pages
+    back must not fail a flat run (it made the least-squares slope 2.8 MiB/100 steps in a real
+    soak), and a steady leak of 3 MiB per 100 steps must fail (limit 2)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.soak import MIB, summarise
+
+    steps = list(range(0, 1001, 50))
+
+    def samples(rss_of):
+        row = {"fds": 40, "cached_groups": 2, "torch_groups": 5, "planner_rss": 230 * MIB}
+        return {r: [{**row, "step": s, "rss": rss_of(s)} for s in steps] for r in range(4)}
+
+    flat = samples(lambda s: (486 + (s // 50) % 3) * MIB - (36 * MIB if s == 500 else 0))
+    summary = summarise(flat, world=4, max_slope_mib=2.0)
+    assert summary["passed"], summary["ranks"]["rank0"]
+    assert summary["ranks"]["rank0"]["rss_second_half_slope_mib_per_100_steps"] > 2.0  # least squares alone would fail
+    leak = samples(lambda s: int((400 + 0.03 * s) * MIB))
+    summary = summarise(leak, world=4, max_slope_mib=2.0)
+    assert not summary["passed"]
+    assert summary["ranks"]["rank0"]["rss_second_half_theil_sen_mib_per_100_steps"] == pytest.approx(3.0, rel=1e-3)

@@ -94,7 +94,7 @@ def _routing(T: int, E: int, k: int, seed: int):
 
 
 def test_ga_buffer_accumulates_counts_and_resets_after_step():
-    """Micro-batch m's f comes from the counts of micro-batches 1..m; end_step() empties it."""
+    """Micro-batch m's f comes from the counts of micro-batches 1..m; begin_step() empties it."""
     E, k = 4, 2
     tracker = BalanceTracker(num_experts=E, top_k=k, num_sites=1, balance="global", coef=1.0)
     _, r1 = _routing(5, E, k, 1)
@@ -110,7 +110,7 @@ def test_ga_buffer_accumulates_counts_and_resets_after_step():
     assert abs(loss1.item() - load_balancing_loss(r1.probs_TE, r1.experts_TK, num_experts=E).item()) <= EXACT
     assert abs(loss2.item() - (E * (f * r2.probs_TE.sum(0)).sum() / 7).item()) <= EXACT
     assert tracker.buffer_tokens_S.tolist() == [12.0]
-    tracker.end_step()
+    tracker.begin_step()
     assert tracker.buffer_tokens_S.tolist() == [0.0] and tracker.buffer_counts_SE.abs().sum() == 0
     tracker.begin_microbatch()
     tracker.record(0, r2)
