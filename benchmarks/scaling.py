@@ -339,7 +339,8 @@ def in_job_program(sweep: Sweep, out_dir: Path, *, quick: bool) -> list[str]:
     """The argv after ``python`` on every rank (launchers.launch's program shape); the step counts
     travel explicitly so that every rank runs what the driver resolved."""
     program = ["-m", "benchmarks.scaling", str(sweep.path), "--in-job", "--out-dir", str(out_dir.resolve())]
-    return program + ["--steps", str(sweep.steps), "--warmup", str(sweep.warmup)] + (["--quick"] if quick else [])
+    program += ["--steps", str(sweep.steps), "--warmup", str(sweep.warmup)] + (["--quick"] if quick else [])
+    return program + (["--cost-model", sweep.cost_model] if sweep.cost_model else [])
 
 
 def drive(sweep: Sweep, out_dir: Path, *, quick: bool, dry_run: bool, verbose: bool) -> int:
@@ -402,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two smallest sizes, one step (seqmoe bench --quick)")
     parser.add_argument("--steps", type=int, help="measured steps per mode and policy (default: sweep.steps)")
     parser.add_argument("--warmup", type=int, help="unmeasured first steps (default: sweep.warmup)")
+    parser.add_argument(
+        "--cost-model",
+        metavar="PRESET|PATH",
+        help="cost model to plan and predict with: a preset or a `seqmoe profile` JSON (default: sweep.cost_model)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the launch commands (write sbatch scripts) only")
     parser.add_argument("--verbose", action="store_true", help="torchrun's own log lines")
     args, rest = parser.parse_known_args(argv)
@@ -415,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                 if value < low:
                     raise SweepError(f"--{name} {value} must be >= {low}")
                 setattr(sweep, name, value)
+        if args.cost_model:
+            is_file = args.cost_model.endswith(".json")
+            sweep.cost_model = str(Path(args.cost_model).resolve()) if is_file else args.cost_model
         if args.world_sizes:
             missing = sorted(set(args.world_sizes) - set(sweep.world_sizes))
             if missing:
