@@ -50,6 +50,8 @@ def summarise_mode(stage: dict) -> dict:
             "tokens_per_s": _median([r["tokens"] / r["step_s"] for r in mine]),
             "step_s": _median([r["step_s"] for r in mine]),
             "fwd_bwd_s": _median([r["fwd_bwd_s"] for r in mine]),
+            # CPU seconds of all ranks: what a loaded shared machine changes least (wall time it stretches)
+            "cpu_s_all_ranks": _median([r["cpu_s_all_ranks"] for r in mine]),
             "predicted_step_s": _median([r["predicted_step_s"] for r in mine]),
             "step_time_error_pct": {
                 "median": 100 * _median(errors),
@@ -86,6 +88,7 @@ def efficiency_table(mode: str, by_size: dict[int, dict]) -> dict:
             "step_s": [s["step_s"] for _, s in ran],
             "predicted_step_s": [s["predicted_step_s"] for _, s in ran],
             "step_time_error_pct": [s["step_time_error_pct"]["median"] for _, s in ran],
+            "cpu_s_all_ranks": [s["cpu_s_all_ranks"] for _, s in ran],
             "throughput_efficiency": [(s["tokens_per_s"] / W) / (base["tokens_per_s"] / W0) for W, s in ran],
             "skipped": skipped,
         }
@@ -151,14 +154,11 @@ def merge_report(sweep: Sweep, out_dir: Path) -> Path:
             "device": payload["device"],
             "cost_model": payload["cost_model"]["name"],
             "machine": payload["machine"],
-            "modes": {m: stage.get("summary", {}) for m, stage in payload["modes"].items()},
+            "modes": {m: summarise_mode(stage) for m, stage in payload["modes"].items()},
         }
     for mode in sweep.modes:
-        by_size = {
-            W: p["modes"][mode]["summary"]["per_policy"]
-            for W, p in results.items()
-            if "summary" in p["modes"].get(mode, {})
-        }
+        # summaries from the rows (not the stored ones): the report always follows this module
+        by_size = {W: summarise_mode(p["modes"][mode])["per_policy"] for W, p in results.items() if mode in p["modes"]}
         report["scaling"][mode] = efficiency_table(mode, by_size)
         report["flexsp_tokens_per_s_ratio"][mode] = _flexsp_ratios(by_size)
     path = write_json(sweep.name, report, out_dir)
