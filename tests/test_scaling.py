@@ -107,7 +107,7 @@ def test_bad_sweep_on_the_command_line_exits_2_with_one_line(tmp_path):
 def _stage(times: dict[str, list[float]], tokens: int = 1000) -> dict:
     rows = [
         {"policy": p, "step": i, "measured": True, "step_s": t, "fwd_bwd_s": t / 2, "predicted_step_s": 2 * t,
-         "tokens": tokens, "loss": 5.0, "solve_time_s": 0.01, "microbatches": 1}
+         "cpu_s_all_ranks": t, "tokens": tokens, "loss": 5.0, "solve_time_s": 0.01, "microbatches": 1}
         for p, ts in times.items() for i, t in enumerate(ts)
     ]  # fmt: skip
     return {"rows": rows, "policies": {p: {"status": "ran"} for p in times}}
