@@ -235,8 +235,11 @@ def in_job(sweep: Sweep, out_dir: Path) -> int:
     if W not in sweep.world_sizes:
         raise SweepError(f"{sweep.path}: this job has {W} ranks but sweep.world_sizes = {sweep.world_sizes}")
     config = load_config(sweep.config, sweep.config_overrides(W))
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))  # ranks share the node
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # ranks share the node's cores; OMP_NUM_THREADS (torchrun sets 1 for W > 1) wins when set, as
+        # two threads per rank on a loaded machine wait on each other at every parallel region
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    payload_threads = torch.get_num_threads()
     _quiet_deepspeed()
     ctx = ParallelContext.initialize(
         backend=config.parallel.backend, device=config.parallel.device, timeout_s=config.parallel.timeout_s
@@ -252,6 +255,7 @@ def in_job(sweep: Sweep, out_dir: Path) -> int:
         "complete": False,
         "launch": {"source": env.source, "local_world_size": env.local_world_size, "nodes": W // env.local_world_size},
         "backend": ctx.backend,
+        "threads_per_rank": payload_threads,
         "device": str(ctx.device),
         "machine": machine_info(),
         "cost_model": {"name": cost.name, "spec": config.planner.cost_model, "json": cost.to_json()},
