@@ -236,9 +236,9 @@ def in_job(sweep: Sweep, out_dir: Path) -> int:
         raise SweepError(f"{sweep.path}: this job has {W} ranks but sweep.world_sizes = {sweep.world_sizes}")
     config = load_config(sweep.config, sweep.config_overrides(W))
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # ranks share the node's cores; OMP_NUM_THREADS (torchrun sets 1 for W > 1) wins when set, as
-        # two threads per rank on a loaded machine wait on each other at every parallel region
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+        # the same threads per rank at every W (torchrun sets OMP_NUM_THREADS=1 for W > 1 itself; a
+        # share of the cores would give W=1 more): one, unless OMP_NUM_THREADS says otherwise
+        torch.set_num_threads(1)
     payload_threads = torch.get_num_threads()
     _quiet_deepspeed()
     ctx = ParallelContext.initialize(
