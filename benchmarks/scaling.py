@@ -10,7 +10,8 @@ Two halves, one file:
   ``[launch]`` section: torchrun on this machine, an sbatch script per size (``--launch.submit=true``:
   submitted and waited for; otherwise written for you to submit), or mpirun. A W larger than
   ``launch.nproc_per_node`` spans W / nproc_per_node nodes. After each job it merges every
-  per-size result into the report.
+  per-size result into the report (rank 0 of each job writes to --out-dir: on a cluster, a folder
+  that the login node and the first node of the job share).
 - **The in-job entry** (``--in-job``) runs inside an already-launched job (torchrun, srun, mpirun:
   ``launchers.env.discover_environment``), never starts a process itself, and trains on all
   WORLD_SIZE ranks: for each scaling mode, one batch stream, every policy's plans made on rank 0
@@ -362,7 +363,7 @@ def drive(sweep: Sweep, out_dir: Path, *, quick: bool, dry_run: bool, verbose: b
                 job,
                 program,
                 script_name=f"{job.name}.sbatch",
-                wait=job.launch.launcher == "slurm",  # torchrun and mpirun always wait
+                wait=job.launch.launcher == "slurm" and job.launch.submit,  # torchrun and mpirun always wait
                 dry_run=dry_run,
                 verbose=verbose,
             )

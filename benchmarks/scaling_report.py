@@ -207,12 +207,19 @@ def plot(report: dict, results: dict[int, dict], path: Path) -> None:
     devices = sorted({p["device"].split(":")[0] for p in results.values()})
     fig.suptitle(
         f"seqmoe scaling (measured): sweep {report['sweep']['name']}, W = {report['world_sizes']}, "
-        f"{'/'.join(devices) or 'no results'}, cost model {_cost_names(results)}",
+        f"{'/'.join(devices) or 'no results'}, cost model {_cost_names(results)}, 1-min load average "
+        f"{_load_range(results)}",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _load_range(results: dict[int, dict]) -> str:
+    loads = [p["load_average_1_5_15min"][k][0] for p in results.values() for k in ("start", "end")
+             if k in p.get("load_average_1_5_15min", {})]  # fmt: skip
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
 
 
 def _cost_names(results: dict[int, dict]) -> str:
