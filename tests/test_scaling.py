@@ -148,18 +148,31 @@ def test_token_batches_are_prefixes_within_the_target():
         assert sum(a.lengths) + nxt > target  # the longest prefix that fits
 
 
-def _check_report(out: Path, sizes: list[int], source: str) -> dict:
-    report = json.loads((out / "scaling-tiny-cpu.json").read_text())
-    assert (out / "scaling-tiny-cpu.png").stat().st_size > 0
+ALL_KINDS = ("flexsp", "batch_adaptive", "megatron_dcp", "static")
+
+
+def _check_report(
+    out: Path,
+    sizes: list[int],
+    source: str,
+    *,
+    name: str = "scaling-tiny-cpu",
+    modes=("weak", "strong"),
+    kinds=ALL_KINDS,
+) -> dict:
+    report = json.loads((out / f"{name}.json").read_text())
+    assert (out / f"{name}.png").stat().st_size > 0
     assert report["world_sizes"] == sizes and not report["missing_world_sizes"]
     assert not report["incomplete_world_sizes"]
     for W in sizes:
-        payload = json.loads((out / f"scaling-tiny-cpu_w{W}.json").read_text())
+        payload = json.loads((out / f"{name}_w{W}.json").read_text())
         assert payload["complete"] and payload["world_size"] == W and payload["launch"]["source"] == source
         assert payload["backend"] == "gloo" and payload["device"] == "cpu"
         cost = CostModel.from_json(payload["cost_model"]["json"])
-        expected = {"flexsp", "batch_adaptive", "megatron_dcp", *(f"static-{d}" for d in (1, 2, 4) if d <= W)}
-        for mode in ("weak", "strong"):
+        expected = {k for k in kinds if k != "static"}
+        expected |= {f"static-{d}" for d in (1, 2, 4) if d <= W and "static" in kinds}
+        assert set(payload["modes"]) == set(modes)
+        for mode in modes:
             stage = payload["modes"][mode]
             assert set(stage["policies"]) == expected, (W, mode)
             assert all(p["status"] == "ran" for p in stage["policies"].values()), stage["policies"]
@@ -180,9 +193,9 @@ def _check_report(out: Path, sizes: list[int], source: str) -> dict:
             first = losses["flexsp"]
             assert all(abs(v - first) <= LOSS_RTOL * abs(first) for v in losses.values()), losses
             assert stage["summary"]["step0_loss_max_rel_diff"] <= LOSS_RTOL
-    for mode in ("weak", "strong"):
+    for mode in modes:
         table = report["scaling"][mode]
-        for policy in ("flexsp", "batch_adaptive", "megatron_dcp", "static-1"):
+        for policy in [k if k != "static" else "static-1" for k in kinds]:
             entry = table[policy]
             assert entry["world_sizes"] == sizes and entry["baseline_world_size"] == sizes[0]
             assert all(v > 0 for v in entry["tokens_per_s"])
@@ -192,7 +205,7 @@ def _check_report(out: Path, sizes: list[int], source: str) -> dict:
         if mode == "strong":
             assert table["flexsp"]["ideal_speedup"] == [W / sizes[0] for W in sizes]
     # strong scaling trains the same batches at every size
-    strong = [json.loads((out / f"scaling-tiny-cpu_w{W}.json").read_text())["modes"]["strong"] for W in sizes]
+    strong = [json.loads((out / f"{name}_w{W}.json").read_text())["modes"]["strong"] for W in sizes]
     assert all(s["batch_lengths"] == strong[0]["batch_lengths"] for s in strong)
     return report
 
@@ -222,12 +235,19 @@ def test_scaling_under_slurm_srun(slurm, tmp_path):
     """The same benchmark as an sbatch job whose srun starts one task per rank (launchers/env.py
     reads the Slurm variables), submitted and waited for by the driver."""
     out = tmp_path / "out"
-    command = [str(SEQMOE), "bench", "scaling", str(TINY), "--world-sizes", "2", "--out-dir", str(out)]
+    # the launcher path is what this test adds: strong scaling only, two policies (the torchrun test has all)
+    sweep = TINY.read_text().replace('name = "scaling-tiny-cpu"', 'name = "scaling-slurm"')
+    sweep = sweep.replace('modes = ["weak", "strong"]', 'modes = ["strong"]')
+    sweep = sweep.replace('config = "tiny-cpu.toml"', f'config = "{REPO / "configs" / "tiny-cpu.toml"}"')
+    sweep = sweep.replace('"flexsp", "static", "batch_adaptive", "megatron_dcp"', '"flexsp", "megatron_dcp"')
+    path = tmp_path / "sweep.toml"
+    path.write_text(sweep)
+    command = [str(SEQMOE), "bench", "scaling", str(path), "--world-sizes", "2", "--out-dir", str(out)]
     command += ["--launch.launcher=slurm", "--launch.submit=true", "--launch.slurm_mode=srun"]
     command += ["--launch.slurm_time=00:05:00"]
     env = job_env(slurm.env) | {"SLURM_CONF": slurm.env["SLURM_CONF"]}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     outputs = "".join(p.read_text(errors="replace")[-3000:] for p in out.rglob("slurm-*.out"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + outputs
-    assert (out / "launch" / "w2" / "scaling-tiny-cpu-w2.sbatch").is_file()
-    _check_report(out, [2], "slurm")
+    assert (out / "launch" / "w2" / "scaling-slurm-w2.sbatch").is_file()
+    _check_report(out, [2], "slurm", name="scaling-slurm", modes=("strong",), kinds=("flexsp", "megatron_dcp"))
