@@ -174,7 +174,7 @@ def _timed_step(ctx, model, engine, config, plan: StepPlan, batch, step: int) ->
         torch.cuda.synchronize(ctx.device)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     times = torch.zeros(ctx.world_size, 3, dtype=torch.float64, device=ctx.device)
-    times[ctx.rank] = torch.tensor([wall, result.forward_backward_s, cpu], dtype=torch.float64)
+    times[ctx.rank] = torch.tensor([wall, result.forward_backward_s, cpu], dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1:
         dist.all_reduce(times, group=ctx.world)
     times = times.cpu()

@@ -235,11 +235,13 @@ def test_scaling_under_slurm_srun(slurm, tmp_path):
     """The same benchmark as an sbatch job whose srun starts one task per rank (launchers/env.py
     reads the Slurm variables), submitted and waited for by the driver."""
     out = tmp_path / "out"
-    # the launcher path is what this test adds: strong scaling only, two policies (the torchrun test has all)
+    # the launcher path is what this test adds: strong scaling only, two policies (the torchrun test has all),
+    # trained one after the other (interleave = false: the GPU sweep's memory-saving order)
     sweep = TINY.read_text().replace('name = "scaling-tiny-cpu"', 'name = "scaling-slurm"')
     sweep = sweep.replace('modes = ["weak", "strong"]', 'modes = ["strong"]')
     sweep = sweep.replace('config = "tiny-cpu.toml"', f'config = "{REPO / "configs" / "tiny-cpu.toml"}"')
     sweep = sweep.replace('"flexsp", "static", "batch_adaptive", "megatron_dcp"', '"flexsp", "megatron_dcp"')
+    sweep = sweep.replace("interleave = true", "interleave = false")  # one model at a time, as on GPUs
     path = tmp_path / "sweep.toml"
     path.write_text(sweep)
     command = [str(SEQMOE), "bench", "scaling", str(path), "--world-sizes", "2", "--out-dir", str(out)]
