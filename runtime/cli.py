@@ -35,6 +35,7 @@ BENCH_SUITES = {
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
     "projection": ("projection.py", "PROJECTED (cost-model) scaling of adaptive vs static SP to 4096 ranks"),
     "kernels": ("kernels.py", "per-document vs packed softmax attention, grouped vs looped experts (CPU)"),
+    "scaling": ("scaling.py", "weak/strong scaling of every plan policy, one launch per world size"),
     "soak": ("soak.py", "1,000-step run: RSS, descriptors and process groups stay flat (--quick: 60 steps)"),
 }
 
