@@ -33,8 +33,14 @@ DeepSpeed gradient reduction is not metered and is the same for every plan), pla
 (every plan is made in this process before training starts, while no rank runs, as the
 runtime's background planner would with a core of its own; "overlappable" = it finishes within
 the previous step's time), and the cost model's error: predicted / measured - 1, of the
-micro-batches' time against the measured forward + backward, and of the whole step (with the
-cost model's per-step term step_ms, measured by `seqmoe profile`) against the step. The step-0
+micro-batches' time against the measured forward + backward (which also holds the gradient
+reduction of the last backward, a part of step_ms: the calibration reports its size as
+``step_fit.fwd_bwd_intercept_ms``), and of the whole step (with the cost model's per-step
+term step_ms, fitted by `seqmoe profile` apart from beta_ms over training steps of 1-8
+micro-batches, runtime/step_profile.py) against the step. The calibration also fits the same
+model to process CPU times (``ProfileResult.cpu_cost``); every plan priced with it is compared
+with the step's busiest-rank CPU time (``calibrated_cpu_time_vs_step_cpu``), an error that
+other jobs' load on a shared machine barely moves (absent with ``--cost-model``). The step-0
 loss of every policy is recorded: same weights, same batch, different plans, so it must agree
 (plan invariance).
 
@@ -142,19 +148,20 @@ def build_config(args) -> Config:
     return load_config(str(CONFIG), overrides)
 
 
-def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
-    """(raw profile, cost model to plan with, calibration facts); see the module docstring."""
+def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict, CostModel | None]:
+    """(raw profile, cost model to plan with, calibration facts, the CPU-time model or None
+    when a saved calibration is reused); see the module docstring."""
     from runtime.profile import profile_cost_model
 
     start = time.perf_counter()
     if args.cost_model:
-        measured = CostModel.from_json(args.cost_model)
+        measured, cpu = CostModel.from_json(args.cost_model), None
         info = {"source": str(args.cost_model), "calibration_s": 0.0}
     else:
         result = profile_cost_model(
             config, world_size=args.world_size, lengths=args.calibration_lengths, repeats=args.calibration_repeats
         )
-        measured = result.cost
+        measured, cpu = result.cost, result.cpu_cost
         info = {
             "source": "runtime.profile.profile_cost_model in this run",
             "lengths": args.calibration_lengths,
@@ -162,9 +169,16 @@ def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict]:
             "fit_points": result.points,
             "fit_mean_abs_rel_error": result.mean_abs_rel_error,
             "fit_max_abs_rel_error": result.max_abs_rel_error,
+            # the training steps that identify step_ms apart from beta_ms (runtime/step_profile.py)
+            "step_points": result.step_points,
+            "step_fit": result.step_fit,
+            "step_fit_mean_abs_rel_error": result.step_mean_abs_rel_error,
             "calibration_s": time.perf_counter() - start,
         }
-    return measured, calibrated_cost(measured, world_size=args.world_size, memory=args.memory), info
+    calibrated = calibrated_cost(measured, world_size=args.world_size, memory=args.memory)
+    if cpu is not None:
+        cpu = calibrated_cost(cpu, world_size=args.world_size, memory=args.memory)
+    return measured, calibrated, info, cpu
 
 
 def calibrated_cost(profiled: CostModel, *, world_size: int, memory: str = "preset") -> CostModel:
@@ -209,6 +223,7 @@ def _measure_step(ctx, model, engine, config: Config, plan: StepPlan, batch, ste
         "step_s": float(times[:, 0].max()),
         "fwd_bwd_s": float(times[:, 1].max()),
         "cpu_s_all_ranks": float(times[:, 2].sum()),
+        "cpu_s_max_rank": float(times[:, 2].max()),
         "fwd_bwd_s_by_rank": times[:, 1].tolist(),
         "comm_bytes_sent_max_rank": int(times[:, 3].max()),
         "comm_by_kind": meter.summary(),  # this rank's (rank 0's in the JSON rows)
@@ -285,6 +300,14 @@ def _error_stats(pairs: list[tuple[float, float]]) -> dict:
     }
 
 
+def _cpu_error_stats(info: list[dict], rows: list[dict]) -> dict | None:
+    """The CPU-time model's error against the steps' busiest-rank CPU time (None without one)."""
+    pairs = [(i["predicted_cpu_step_s"], r["cpu_s_max_rank"]) for i, r in zip(info, rows)]
+    if not pairs or any(p is None for p, _ in pairs):
+        return None
+    return _error_stats(pairs)
+
+
 def _linear_fit(xs: list[float], ys: list[float]) -> dict:
     """measured ≈ slope · predicted + intercept (least squares)."""
     n, mx, my = len(xs), statistics.fmean(xs), statistics.fmean(ys)
@@ -328,6 +351,7 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                 "preset_vs_step": _error_stats(
                     [(i["predicted_preset_step_s"], r["step_s"]) for i, r in zip(info, mine)]
                 ),
+                "calibrated_cpu_time_vs_step_cpu": _cpu_error_stats(info, mine),
             },
         }
     per = out["per_policy"]
@@ -365,6 +389,9 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                 **_error_stats(pairs),
                 "fit_measured_vs_predicted": _linear_fit([p for p, _ in pairs], [m for _, m in pairs]),
             }
+    out["cost_model_error"]["calibrated_cpu_time_vs_step_cpu"] = _cpu_error_stats(
+        [plans_info[r["policy"]][r["step"]] for r in measured], measured
+    )
     losses = {r["policy"]: r["loss"] for r in rows if r["step"] == 0}
     first = next(iter(losses.values()))
     # same weights, same batch, different plans: the step-0 loss must agree (plan invariance)
@@ -397,21 +424,25 @@ def plot(summary: dict, rows: list[dict], plans_info: dict, warmup: int, skipped
         ax.text(
             0.01, 0.98, "skipped: " + ", ".join(skipped), transform=ax.transAxes, va="top", fontsize=7, color="dimgrey"
         )
-    for ax, key, label in (
-        (axes[1], "predicted_s", "calibrated cost model"),
-        (axes[2], "predicted_preset_s", f"uncalibrated {PRESET} preset"),
+    for ax, key, step_key, label in (
+        (axes[1], "predicted_s", "predicted_step_s", "calibrated cost model"),
+        (axes[2], "predicted_preset_s", "predicted_preset_step_s", f"uncalibrated {PRESET} preset"),
     ):
         top = 0.0
         for i, p in enumerate(names):
             mine = [r for r in rows if r["policy"] == p and r["step"] >= warmup]
             xs = [plans_info[p][r["step"]][key] for r in mine]
             ax.plot(xs, [r["fwd_bwd_s"] for r in mine], "o", color=f"C{i}", ms=4, label=f"{p} fwd+bwd")
-            ax.plot(xs, [r["step_s"] for r in mine], "x", color=f"C{i}", ms=4)
-            top = max(top, *xs, *(r["step_s"] for r in mine))
+            steps = [plans_info[p][r["step"]][step_key] for r in mine]
+            ax.plot(steps, [r["step_s"] for r in mine], "x", color=f"C{i}", ms=4)
+            top = max(top, *xs, *steps, *(r["step_s"] for r in mine))
         ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", ls="--", lw=1)
-        err = summary["cost_model_error"][f"{'calibrated' if key == 'predicted_s' else 'preset'}_vs_fwd_bwd"]
-        ax.set_title(f"{label}: mean |error| {err['mean_abs_pct']:.0f}% (fwd+bwd)", fontsize=10)
-        ax.set_xlabel("predicted step time (s)")
+        which = "calibrated" if key == "predicted_s" else "preset"
+        err, whole = (summary["cost_model_error"][f"{which}_vs_{part}"] for part in ("fwd_bwd", "step"))
+        ax.set_title(
+            f"{label}: mean |error| {err['mean_abs_pct']:.1f}% fwd+bwd, {whole['mean_abs_pct']:.1f}% step", fontsize=10
+        )
+        ax.set_xlabel("predicted (s): o micro-batches, x with step_ms")
         ax.set_ylabel("measured, slowest rank (s): o fwd+bwd, x whole step")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -468,7 +499,7 @@ def main() -> None:
     start, load_start = time.perf_counter(), os.getloadavg()
     config = build_config(args)
     print(f"calibrating the cost model on {W} gloo ranks ...", flush=True)
-    profiled, cost, calibration = calibrate(config, args)
+    profiled, cost, calibration, cpu_cost = calibrate(config, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if not args.cost_model:  # what `seqmoe profile` writes: reusable with --cost-model
         (args.out_dir / f"{args.name}_profile.json").write_text(profiled.to_json() + "\n")
@@ -496,6 +527,8 @@ def main() -> None:
                     "predicted_preset_s": predicted_s(plan, lengths, preset),
                     "predicted_step_s": predicted_step_s(plan, lengths, cost),
                     "predicted_preset_step_s": predicted_step_s(plan, lengths, preset),
+                    # the same plan priced in process CPU time, which the machine's load barely moves
+                    "predicted_cpu_step_s": predicted_step_s(plan, lengths, cpu_cost) if cpu_cost else None,
                     "microbatches": len(plan.microbatches),
                     "shape": plan.shapes(),
                 }
@@ -528,6 +561,7 @@ def main() -> None:
         },
         "cost_models": {
             "calibrated": json_fields(cost),
+            "calibrated_cpu_time": json_fields(cpu_cost) if cpu_cost else None,
             "profiled": json_fields(profiled),
             "calibration": calibration,
             "preset": json_fields(preset),
@@ -554,13 +588,19 @@ def main() -> None:
     plot(summary, rows, plans_info, args.warmup, skipped, args.out_dir / f"{args.name}.png", title)
     for policy, s in summary["per_policy"].items():
         err = s["cost_model_error"]
+        cpu = err["calibrated_cpu_time_vs_step_cpu"]
         print(
             f"{policy:>15}: {s['tokens_per_s']:7.0f} tok/s, step {s['step_s'] * 1e3:7.0f} ms "
             f"(fwd+bwd {s['fwd_bwd_s'] * 1e3:6.0f}), {s['comm_bytes_per_step_max_rank'] / 2**20:6.2f} MiB, "
-            f"solve {s['solve_time_s']['median'] * 1e3:5.0f} ms, predicted {s['predicted_s'] * 1e3:6.0f} ms "
-            f"(err {err['calibrated_vs_fwd_bwd']['median_pct']:+.0f}% calibrated, "
-            f"{err['preset_vs_fwd_bwd']['median_pct']:+.0f}% preset)"
+            f"solve {s['solve_time_s']['median'] * 1e3:5.0f} ms, predicted step {s['predicted_step_s'] * 1e3:6.0f} ms "
+            f"(calibrated mean |err| {err['calibrated_vs_step']['mean_abs_pct']:.1f}% step, "
+            f"{err['calibrated_vs_fwd_bwd']['mean_abs_pct']:.1f}% fwd+bwd"
+            + (f", {cpu['mean_abs_pct']:.1f}% CPU time; " if cpu else "; ")
+            + f"preset {err['preset_vs_fwd_bwd']['median_pct']:+.0f}% fwd+bwd median)"
         )
+    for name, e in summary["cost_model_error"].items():
+        if e is not None:
+            print(f"cost model {name}: mean |error| {e['mean_abs_pct']:.1f}%, median {e['median_pct']:+.1f}%")
     for name, s in summary["speedups"].items():
         print(
             f"{name}: measured {s['measured_median_of_step_ratios']:.2f}x, predicted {s['predicted_median_ratio']:.2f}x"

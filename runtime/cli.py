@@ -35,6 +35,7 @@ BENCH_SUITES = {
     "e2e": ("e2e.py", "end-to-end training throughput of adaptive vs static SP"),
     "projection": ("projection.py", "PROJECTED (cost-model) scaling of adaptive vs static SP to 4096 ranks"),
     "kernels": ("kernels.py", "per-document vs packed softmax attention, grouped vs looped experts (CPU)"),
+    "scaling": ("scaling.py", "weak/strong scaling of every plan policy, one launch per world size"),
     "soak": ("soak.py", "1,000-step run: RSS, descriptors and process groups stay flat (--quick: 60 steps)"),
 }
 
@@ -205,6 +206,11 @@ def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"all-gather bandwidth: {bandwidth or 'n/a (one process)'}")
     print(f"fit: mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}")
     print(f"per-step term: {result.cost.step_ms:.1f} ms; SP quadratic factor q(d>1): {result.cost.quad_sp_factor:.2f}")
+    fit = result.step_fit
+    print(
+        f"training steps of 1-8 micro-batches: beta {fit['bare_beta_ms']:.1f} ms bare -> {result.cost.beta_ms:.1f} ms "
+        f"in the engine; whole-step mean |error| {result.step_mean_abs_rel_error:.1%}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -3,7 +3,8 @@
 For every power-of-two SP degree d up to the world size and several sequence lengths s, all
 buddy groups of degree d run one packed sequence of s tokens through the real model's forward
 and backward at the same time (as in training, groups share the machine), and the slowest
-rank's time is recorded. The all-gather bandwidth of each group size is measured the same way.
+rank's time is recorded; the points take turns in every repeat (a burst of load hits them
+all alike). The all-gather bandwidth of each group size is measured the same way.
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
 gives the formulas). What remains, t_measured(s, d) - comm(s, d), is fitted by least squares to
@@ -14,11 +15,13 @@ planner/cost.py) is measured apart on the softmax kernel alone, the last rank's 
 against the whole document at SP=1 (:func:`measure_quad_sp_factor`): in whole-model timings
 on a shared machine the quadratic term is too small a part to identify it.
 
-The per-step term step_ms: every rank runs one sequence of the shortest length through a
-DeepSpeed engine (runtime.train.build_engine) twice, once as an inner micro-batch (no gradient
-reduction) and once as the step's last one, then the optimizer step and the balance reset:
-the slowest rank's median extra time of the last micro-batch (the gradient reduction) plus
-that of the step is what a step pays whatever its plan.
+The per-step term step_ms and the per-micro-batch term beta_ms as training pays them: real
+training steps through the DeepSpeed engine (runtime.step.train_step), of plans with 1, 2, 4
+and 8 micro-batches, identify what a step pays once apart from what each micro-batch pays
+(runtime/step_profile.py derives it): step - P = step_ms + M·δ over the bare-model prediction
+P, and beta_ms = beta + δ. The report gives those steps' relative errors too. Every timing
+also records the busiest rank's process CPU time, and the same fits to those give
+``ProfileResult.cpu_cost``, a model that other jobs' load on a shared machine barely moves.
 
 Memory: the activations saved for backward are counted per token with autograd's saved-tensor
 hooks, model states follow from the parameter count and the ZeRO stage.
@@ -26,11 +29,12 @@ hooks, model states follow from the parameter count and the ZeRO stage.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +49,7 @@ from parallel.sp_context import SPContext
 from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
 from runtime.model import build_model, layer_kinds
+from runtime.step_profile import apply_step_fit, calibration_steps, measure_engine_steps
 
 __all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "measure_quad_sp_factor", "profile_cost_model"]
 
@@ -55,10 +60,22 @@ class ProfileResult:
     points: list[dict]
     """Each measured (degree, length): measured and predicted ms and the relative error."""
     bandwidth_gbps: dict[int, float]
+    step_points: list[dict] = field(default_factory=list)
+    """Each calibration training step (runtime/step_profile.py): measured and predicted whole-step ms."""
+    step_fit: dict = field(default_factory=dict)
+    """S and δ of runtime/step_profile.py (2), and the same fit to the steps' forward + backward."""
+    cpu_cost: CostModel | None = None
+    """The same fit to the busiest rank's process CPU times instead of wall times: a load
+    that time-shares the machine's cores stretches wall times, barely CPU times."""
 
     @property
     def mean_abs_rel_error(self) -> float:
         return statistics.fmean(abs(p["rel_error"]) for p in self.points)
+
+    @property
+    def step_mean_abs_rel_error(self) -> float:
+        """Mean |relative error| of the calibration training steps under the final model."""
+        return statistics.fmean(abs(p["rel_error"]) for p in self.step_points)
 
     @property
     def max_abs_rel_error(self) -> float:
@@ -172,8 +189,9 @@ def _slowest(ctx: ParallelContext, seconds: float) -> float:
     return t.item()
 
 
-def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
-    """Slowest rank's median ms of one fwd + bwd of a ``length``-token sequence per degree-d group."""
+def _model_timer(ctx, model, degree: int, length: int):
+    """A call that times one fwd + bwd of a ``length``-token sequence per degree-d group and
+    returns the slowest rank's (wall ms, process CPU ms)."""
     ranks = ctx.buddy_group_of_degree(degree)
     group = ctx.group(ranks)
     T = length // degree
@@ -182,20 +200,34 @@ def _time_model(ctx, model, degree: int, length: int, repeats: int) -> float:
     index = ranks.index(ctx.rank)
     local = tokens[:, index * T : (index + 1) * T]
     batch = SPContext.build(group, local_len=T, device=ctx.device, rank=index, num_ranks=degree)
-    samples = []
-    for rep in range(repeats + 1):
+
+    def timed() -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
         if ctx.world_size > 1:
             dist.barrier(group=ctx.world)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         logits = model(local, batch).logits
         F.cross_entropy(logits.flatten(0, 1).float(), local.flatten()).backward()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = _slowest(ctx, time.perf_counter() - start)
-        if rep:  # the first run warms up allocators and gloo connections
-            samples.append(elapsed * 1e3)
-    return statistics.median(samples)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return _slowest(ctx, wall) * 1e3, _slowest(ctx, cpu) * 1e3
+
+    return timed
+
+
+def _time_model_sweep(ctx, model, points: list[tuple[int, int]], repeats: int) -> list[tuple[float, float]]:
+    """Slowest rank's median (wall ms, CPU ms) of each ``(degree, length)`` point. The points take turns in
+    every repeat, so that a burst of load on a shared machine lands on all of them alike
+    instead of bending the fitted curve at the points it hit."""
+    timers = [_model_timer(ctx, model, d, s) for d, s in points]
+    samples: list[list[tuple[float, float]]] = [[] for _ in points]
+    for rep in range(repeats + 1):
+        for timer, got in zip(timers, samples):
+            ms = timer()
+            if rep:  # the first round warms up allocators and gloo connections
+                got.append(ms)
+    return [(statistics.median(w for w, _ in got), statistics.median(c for _, c in got)) for got in samples]
 
 
 def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> float:
@@ -212,65 +244,6 @@ def _bandwidth(ctx, degree: int, nbytes: int = 4 << 20, repeats: int = 5) -> flo
             torch.cuda.synchronize()
         times.append(_slowest(ctx, time.perf_counter() - start))
     return (degree - 1) * nbytes / statistics.median(times[1:]) / 1e9
-
-
-def _step_overhead_ms(ctx, config: Config, length: int, repeats: int) -> float:
-    """Slowest rank's median ms a step pays whatever its plan, every rank running one
-    ``length``-token sequence through a DeepSpeed engine as training does (runtime.step.train_step):
-    the last micro-batch's extra time over an inner one (the gradient reduction at the
-    accumulation boundary) plus what follows the backward passes (the metrics all-reduce and
-    the optimizer step)."""
-    from types import SimpleNamespace
-
-    from planner.plan import Group, MicroBatch, StepPlan
-    from runtime.step import run_plan, train_step
-    from runtime.train import build_engine
-
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, config.parallel, config.moe, balance_group=ctx.world, seed=config.train.seed)
-    engine = build_engine(model.to(ctx.device), config)
-    W = ctx.world_size
-    plan = StepPlan(
-        microbatches=[MicroBatch([Group((r,), [r]) for r in range(W)])],
-        num_ranks=W,
-        predicted_time_s=0.0,
-        solver="static",
-        solve_time_s=0.0,
-    )
-    g = torch.Generator().manual_seed(length)
-    batch = SimpleNamespace(
-        sequences=[torch.randint(0, model.config.vocab_size, (length,), generator=g) for _ in range(W)],
-        domains=[0] * W,
-    )
-
-    def inner_backward(loss: torch.Tensor, _: bool) -> None:
-        engine.set_gradient_accumulation_boundary(False)
-        engine.backward(loss * W, scale_wrt_gas=False)
-
-    def timed(work) -> tuple[float, float]:
-        if W > 1:
-            dist.barrier(group=ctx.world)
-        start = time.perf_counter()
-        inside = work()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-        return _slowest(ctx, time.perf_counter() - start), _slowest(ctx, inside)
-
-    def inner() -> float:
-        if model.tracker is not None:
-            model.tracker.begin_step()
-        run_plan(model, ctx, plan, batch.sequences, batch.domains, forward=engine, backward=inner_backward)
-        return 0.0
-
-    reduction, update = [], []
-    for rep in range(repeats + 1):
-        inner_s, _ = timed(inner)
-        step_s, fwd_bwd_s = timed(lambda: train_step(model, engine, ctx, plan, batch).forward_backward_s)
-        if rep:  # the first step builds the optimizer state
-            reduction.append((fwd_bwd_s - inner_s) * 1e3)
-            update.append((step_s - fwd_bwd_s) * 1e3)
-    # the reduction is a difference of two timings: noise can make it negative on a tiny model
-    return max(0.0, statistics.median(reduction)) + max(0.0, statistics.median(update))
 
 
 def _activation_mb_per_token(model, length: int, device) -> float:
@@ -308,23 +281,20 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     )
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.parallel, config.moe).to(ctx.device)
-    rows = []
-    for degree in _degrees(world_size):
-        for length in lengths:
-            if length % degree == 0:
-                rows.append((degree, length, _time_model(ctx, model, degree, length, repeats)))
+    points = [(d, s) for d in _degrees(world_size) for s in lengths if s % d == 0]
+    rows = [(d, s, *ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
     bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
     act = _activation_mb_per_token(model, min(lengths), ctx.device)
     budget = _memory_budget_gb(ctx, world_size)
     num_params = sum(p.numel() for p in model.parameters())
-    step_ms = _step_overhead_ms(ctx, config, min(lengths), repeats)
+    engine_steps = measure_engine_steps(ctx, config, calibration_steps(lengths, _degrees(world_size)), repeats)
     quad_sp_factor = 1.0
     if rank == 0:  # alone, while the other ranks wait: a kernel ratio, not a shared-machine time
         quad_sp_factor = measure_quad_sp_factor(config, max(lengths), _degrees(world_size), max(repeats, 5), ctx.device)
     if world_size > 1:
         dist.barrier(group=ctx.world)
     if rank == 0:
-        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device), step_ms, quad_sp_factor))
+        out_queue.put((rows, bandwidth, act, budget, num_params, str(ctx.device), engine_steps, quad_sp_factor))
     ctx.destroy()
 
 
@@ -346,7 +316,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
             p.join()
         if any(p.exitcode for p in procs):
             raise RuntimeError(f"a profiling rank failed (exit codes {[p.exitcode for p in procs]}); see its output")
-        rows, bandwidth, act, budget, num_params, device, step_ms, quad_sp_factor = queue.get()
+        rows, bandwidth, act, budget, num_params, device, engine_steps, quad_sp_factor = queue.get()
     elem_bytes = 2 if device.startswith("cuda") else 4
     seq_comm, per_token, per_group = comm_volumes(config, elem_bytes)
     probe = CostModel(
@@ -360,29 +330,56 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         comm_bytes_per_group=per_group,
         bandwidth_gbps=bandwidth,
     )
-    compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
-    alpha1, alpha2, beta = fit_coefficients(compute, quad_sp_factor=quad_sp_factor)
-    cost = CostModel(
-        quad_ms=alpha1,
-        lin_ms=alpha2,
-        beta_ms=beta,
-        quad_sp_factor=quad_sp_factor,
-        step_ms=step_ms,
-        act_mb_per_token=act,
-        memory_budget_gb=budget,
-        model_state_gb=zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size),
-        seq_comm=seq_comm,
-        comm_bytes_per_token=per_token,
-        comm_bytes_per_group=per_group,
-        bandwidth_gbps=bandwidth,
-        name=f"{config.name}-profiled",
-        notes=f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
-        f"{num_params} parameters; step_ms from {min(lengths)}-token steps through the DeepSpeed engine",
+    model_state_gb = zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size)
+    wall = [(d, s, ms) for d, s, ms, _ in rows]
+    bare, stepped, whole, inside = _fit(probe, wall, engine_steps, quad_sp_factor, "wall", model_state_gb)
+    notes = (
+        f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
+        f"{num_params} parameters; step_ms and beta_ms from training steps of 1-8 micro-batches "
+        "through the DeepSpeed engine (runtime/step_profile.py)"
     )
+    cost = dataclasses.replace(stepped, name=f"{config.name}-profiled", notes=notes)
+    cpu = [(d, s, ms) for d, s, _, ms in rows]
+    _, cpu_cost, _, _ = _fit(probe, cpu, engine_steps, quad_sp_factor, "cpu", model_state_gb)
+    cpu_cost = dataclasses.replace(cpu_cost, name=f"{config.name}-profiled-cpu-time", notes=f"{notes}; CPU times")
     points = []
-    for d, s, ms in rows:
-        predicted = cost.group_time_ms([s], d)
+    for d, s, ms in wall:  # the bare model's timings against the bare fit (beta before δ)
+        predicted = bare.group_time_ms([s], d)
         points.append(
             {"degree": d, "length": s, "measured_ms": ms, "predicted_ms": predicted, "rel_error": (predicted - ms) / ms}
         )
-    return ProfileResult(cost, points, bandwidth)
+    step_points = []
+    for p in engine_steps:
+        predicted = cost.step_time_ms(cost.group_time_ms([p.length], d) for d in p.degrees)
+        step_points.append(
+            {
+                "microbatches": p.microbatches,
+                "length": p.length,
+                "degrees": list(p.degrees),
+                "measured_ms": p.step_ms,
+                "measured_fwd_bwd_ms": p.fwd_bwd_ms,
+                "predicted_ms": predicted,
+                "rel_error": (predicted - p.step_ms) / p.step_ms,
+            }
+        )
+    step_fit = {
+        "step_ms": whole.step_ms,
+        "delta_beta_ms": whole.delta_ms,
+        "bare_beta_ms": bare.beta_ms,
+        "fwd_bwd_intercept_ms": inside.step_ms,
+        "fwd_bwd_delta_beta_ms": inside.delta_ms,
+    }
+    return ProfileResult(cost, points, bandwidth, step_points, step_fit, cpu_cost)
+
+
+def _fit(probe: CostModel, rows, steps, quad_sp_factor: float, clock: str, model_state_gb: float):
+    """(bare fit, final model, whole-step fit, fwd + bwd fit) of ``rows`` ``(d, s, ms)`` and the
+    engine ``steps`` on ``clock`` ('wall' or 'cpu'), the communication terms of ``probe`` removed."""
+    compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
+    alpha1, alpha2, beta = fit_coefficients(compute, quad_sp_factor=quad_sp_factor)
+    bare = dataclasses.replace(
+        probe, quad_ms=alpha1, lin_ms=alpha2, beta_ms=beta, quad_sp_factor=quad_sp_factor, model_state_gb=model_state_gb
+    )
+    # runtime/step_profile.py (2): the engine steps' residuals over the bare model give S and δ
+    stepped, whole, inside = apply_step_fit(bare, steps, clock=clock)
+    return bare, stepped, whole, inside

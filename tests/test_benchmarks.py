@@ -196,7 +196,8 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
     assert {r["policy"] for r in result["rows"]} == policies and len(result["rows"]) == 2 * len(policies)
     coefficients = result["cost_models"]["calibrated"]
     assert all(math.isfinite(coefficients[k]) and coefficients[k] >= 0 for k in ("quad_ms", "lin_ms", "beta_ms"))
-    assert coefficients["step_ms"] > 0 and coefficients["quad_sp_factor"] > 0  # measured by the profile
+    assert coefficients["step_ms"] >= 0 and coefficients["quad_sp_factor"] > 0  # fitted by the profile
+    assert result["cost_models"]["calibration"]["step_points"]  # the engine steps that identify step_ms
     assert result["cost_models"]["calibration"]["fit_points"]
     for policy, s in result["summary"]["per_policy"].items():
         assert policy in policies and s["steps"] == 1
@@ -206,9 +207,12 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
         for error in s["cost_model_error"].values():
             assert math.isfinite(error["median_pct"]) and math.isfinite(error["mean_abs_pct"])
     assert set(result["summary"]["speedups"]) == {f"flexsp_vs_{p}" for p in policies - {"flexsp"}}
-    assert {"calibrated_vs_fwd_bwd", "calibrated_vs_step", "preset_vs_fwd_bwd", "preset_vs_step"} == set(
-        result["summary"]["cost_model_error"]
-    )
+    errors = result["summary"]["cost_model_error"]
+    assert {"calibrated_vs_fwd_bwd", "calibrated_vs_step", "preset_vs_fwd_bwd", "preset_vs_step"} | {
+        "calibrated_cpu_time_vs_step_cpu"  # calibrated in this run: its CPU-time model prices every plan too
+    } == set(errors)
+    assert all(math.isfinite(e["mean_abs_pct"]) for e in errors.values())
+    assert result["cost_models"]["calibrated_cpu_time"]["step_ms"] >= 0
     # same weights and batch, different plans: the first step's loss agrees (plan invariance)
     assert result["summary"]["step0_loss_max_rel_diff"] <= 1e-5
 

@@ -92,7 +92,8 @@ def test_profile_writes_a_cost_model_the_planner_reads(tmp_path, capsys):
         "--model.d_model=32",
     ]
     assert cli.main(argv) == 0
-    assert "fit: mean |error|" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fit: mean |error|" in printed and "training steps of 1-8 micro-batches" in printed
     cost = CostModel.from_json(out.read_text())
     assert cost.quad_ms >= 0 and cost.lin_ms >= 0 and cost.act_mb_per_token > 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import parallel.doc_attention as doc_attention_module
 from parallel.doc_attention import (
     _buckets,
     doc_attention,
@@ -25,7 +26,8 @@ from tests.attention_cases import output_and_grads, reference_softmax_attention,
 TOL = 1e-10
 
 # (name, S, q_offset, T, bounds): documents on the block's cuts, inside it, spanning it, many
-# short ones of similar length (padded buckets), runs of equal length (batched views), all of
+# short ones of similar length (padded buckets), runs of equal length (batched views; the whole
+# block one run: no split), all of
 # these in one block, one document (bounds None)
 LAYOUTS = [
     ("on_cuts", 24, 8, 8, [0, 8, 16, 24]),
@@ -35,6 +37,8 @@ LAYOUTS = [
     ("many_similar", 64, 0, 64, [0, 9, 17, 26, 33, 41, 44, 46, 50, 64]),
     ("many_offset", 60, 20, 30, [0, 7, 19, 22, 29, 31, 40, 45, 51, 60]),
     ("equal_runs", 40, 0, 40, [0, 4, 8, 12, 20, 28, 30, 40]),
+    ("one_run", 32, 0, 32, [0, 8, 16, 24, 32]),
+    ("one_run_offset", 32, 16, 16, [0, 8, 16, 24, 32]),
     ("runs_gathered_and_partial", 48, 6, 36, [0, 10, 14, 18, 22, 25, 27, 35, 43, 48]),
     ("one_doc", 24, 8, 8, None),
     ("first_block", 24, 0, 8, [0, 2, 3, 11, 24]),
@@ -52,8 +56,8 @@ def _inputs(S: int, H: int, K: int, D: int = 8, E: int = 6, batch: int = 1):
     return q, k, v, g
 
 
-def _check(name, S, q_offset, T, bounds, causal, H, K, batch=1, method="auto"):
-    q, k, v, g = _inputs(S, H, K, batch=batch)
+def _check(name, S, q_offset, T, bounds, causal, H, K, batch=1, method="auto", E=6):
+    q, k, v, g = _inputs(S, H, K, E=E, batch=batch)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out = reference_softmax_attention(*leaves, causal=causal, bounds=bounds, scale=0.3)
     block = slice(q_offset, q_offset + T)
@@ -77,6 +81,27 @@ def _check(name, S, q_offset, T, bounds, causal, H, K, batch=1, method="auto"):
 @pytest.mark.parametrize("name,S,q_offset,T,bounds", LAYOUTS, ids=[row[0] for row in LAYOUTS])
 def test_matches_dense_reference(name, S, q_offset, T, bounds, causal, H, K):
     _check(name, S, q_offset, T, bounds, causal, H, K)
+
+
+PARTIAL = [row for row in LAYOUTS if document_pieces(row[2], row[3], row[1], causal=True, bounds=row[4])[0].k0 < row[2]]
+
+
+@pytest.mark.parametrize("H,K", HEADS, ids=[f"{h}q{k}kv" for h, k in HEADS])
+@pytest.mark.parametrize("name,S,q_offset,T,bounds", PARTIAL, ids=[row[0] for row in PARTIAL])
+def test_partial_piece_split_and_merged_by_log_sum_exp(name, S, q_offset, T, bounds, H, K, monkeypatch):
+    # equal q/v head dims: the piece whose document began before the block runs as a rectangle
+    # plus a causal square merged by log-sum-exp (_SplitPiece), not under an explicit mask
+    calls = []
+    apply = doc_attention_module._SplitPiece.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+
+    monkeypatch.setattr(doc_attention_module._SplitPiece, "apply", counted)
+    batch = 2 if bounds is None else 1  # one document: any batch
+    _check(name, S, q_offset, T, bounds, True, H, K, batch=batch, E=8)
+    assert len(calls) == 1 and calls[0][0] == batch
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])

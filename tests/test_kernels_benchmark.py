@@ -27,8 +27,13 @@ def test_kernels_benchmark_writes_its_results(tmp_path):
     result = json.loads((tmp_path / "kernels.json").read_text())
     assert (tmp_path / "kernels.png").stat().st_size > 0
     assert {row["docs"] for row in result["softmax"]} == {"uniform256", "mixed"}
+    assert {row["ranks"] for row in result["softmax"]} == {1, 4}
     for row in result["softmax"]:
-        assert set(row["ratio_to_one_by_one"]) == {"per_doc", "one_by_one", "dense"}
+        methods = {"per_doc", "one_by_one"} | ({"dense"} if row["ranks"] == 1 else {"per_doc_window"})
+        for key in ("ratio_to_one_by_one", "min_ratio_to_one_by_one", "cpu_ratio_to_one_by_one"):
+            assert set(row[key]) == methods
+        assert all(len(t["cpu_samples_s"]) == len(t["samples_s"]) == 1 for t in row["timing"].values())
+    assert set(result["partial_piece"]["timing"]) == {"split", "masked", "whole_doc"}
     assert {row["shape"] for row in result["moe"]} == {"tiny-cpu", "fine-grained", "wide"}
     assert all(set(row["tokens_per_s"]) == {"loop", "grouped"} for row in result["moe"])
     assert result["machine"]["git_revision"]

@@ -90,6 +90,16 @@ def test_profile_end_to_end_on_two_ranks():
     assert set(result.bandwidth_gbps) == {2} and result.bandwidth_gbps[2] > 0
     cost = result.cost
     assert cost.act_mb_per_token > 0 and cost.memory_budget_gb > 0 and cost.model_state_gb > 0
-    assert cost.step_ms > 0 and cost.quad_sp_factor > 0  # the new terms: measured step overhead, fitted factor
+    assert cost.step_ms >= 0 and cost.quad_sp_factor > 0  # the fitted per-step term (S >= 0), measured factor
+    # the training steps of runtime/step_profile.py: 1, 2, 4, 8 micro-batches at the two shortest lengths
+    assert sorted((p["length"], p["microbatches"]) for p in result.step_points) == [
+        (s, m) for s in (64, 128) for m in (1, 2, 4, 8)
+    ]
+    assert result.step_fit["step_ms"] == cost.step_ms
+    assert cost.beta_ms == max(0.0, result.step_fit["bare_beta_ms"] + result.step_fit["delta_beta_ms"])
+    for p in result.step_points:  # each step priced as step_ms + its micro-batches, each counted once
+        micro = [cost.group_time_ms([p["length"]], d) for d in p["degrees"]]
+        assert p["predicted_ms"] == pytest.approx(cost.step_ms + sum(micro), rel=1e-12)
+        assert p["measured_ms"] >= p["measured_fwd_bwd_ms"] > 0
     assert CostModel.from_json(cost.to_json()) == cost
     assert all(p["measured_ms"] > 0 and p["predicted_ms"] > 0 for p in result.points)
