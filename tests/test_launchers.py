@@ -22,7 +22,6 @@ from launchers.slurm import sbatch_script
 from launchers.torchrun import torchrun_command
 from runtime import cli
 from runtime.config import ConfigError, load_config
-from tests.slurm_fixture import slurm_cluster, unavailable_reason
 
 SEQMOE = Path(sys.executable).parent / "seqmoe"
 REPO = Path(__file__).resolve().parent.parent
@@ -320,7 +319,9 @@ def test_torchrun_restarts_a_failed_worker(tmp_path):
     (tmp_path / "flaky.py").write_text(
         "import os, sys\n"
         "attempt = os.environ['TORCHELASTIC_RESTART_COUNT']\n"
-        "print('attempt', attempt, 'rank', os.environ['RANK'], flush=True)\n"
+        # one write of the whole line: unbuffered print writes each argument apart, and the two
+        # ranks share one pipe (a run printed "attemptattempt 0 rank 0")
+        "os.write(1, f\"attempt {attempt} rank {os.environ['RANK']}\\n\".encode())\n"
         "sys.exit(1 if attempt == '0' and os.environ['RANK'] == '1' else 0)\n"
     )
     settings = load_config(None, ["--launch.max_restarts=1"]).launch
@@ -353,15 +354,6 @@ def test_mpiexec_check(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     records = read_ranks(tmp_path)
     assert {r["source"] for r in records} == {"mpi"} and [r["local_rank"] for r in records] == [0, 1]
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with slurm_cluster(cpus=4) as cluster:
-        yield cluster
 
 
 @pytest.mark.slow

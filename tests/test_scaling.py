@@ -17,7 +17,6 @@ from benchmarks.scaling_report import efficiency_table, summarise_mode
 from benchmarks.scaling_sweep import SweepError, load_sweep, policies_at
 from planner.cost import CostModel
 from planner.plan import StepPlan
-from tests.slurm_fixture import slurm_cluster, unavailable_reason
 from tests.test_launchers import job_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -219,15 +218,6 @@ def test_scaling_under_torchrun_with_2_and_4_ranks(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "world size 4 (1 node(s) x 4)" in result.stdout
     _check_report(out, [2, 4], "torchrun")
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with slurm_cluster(cpus=4) as cluster:
-        yield cluster
 
 
 @pytest.mark.slow
