@@ -28,9 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(BIN)/seqmoe launch configs/tiny-cpu.toml --train.resume=auto
 
-# The whole suite, multi-process cases included (CI runs this through .ci/run).
+# The whole suite, multi-process cases included (CI runs this through .ci/run); the 25 slowest
+# cases are listed at the end, so a CI log shows where the suite's time goes.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The fast loop: skips cases marked slow.
 test-fast: install
