@@ -26,7 +26,7 @@ allocators and caches have warmed up:
   10 MiB over 500 steps, against RSS of ~0.5 GiB; a leak of one plan's or one checkpoint's worth
   of memory per step would be orders of magnitude above). Why trimmed and why Theil-Sen: the raw
   RSS of a process whose tensor shapes change every step holds whatever free heap glibc keeps,
-  which jumps by tens of MiB between samples (one sample 36 MiB low made a flat run's
+  which jumps by tens of MiB between samples (one sample 35 MiB low made a flat run's
   least-squares slope 2.8); the median slope of trimmed RSS follows live memory. The raw RSS's
   slope, the least-squares slope with its standard error and the Python object count's slope
   are reported beside the verdict;
