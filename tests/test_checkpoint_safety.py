@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ import torch
 
 from runtime import rng_state
 from runtime.safe_load import ChecksumMismatch, SafeCheckpointEngine, UnsafeCheckpoint, load_verified
-from tests.test_launchers import REPO, job_env
+from tests.test_bad_inputs import SEQMOE, TINY
+from tests.test_launchers import job_env
 
 
 class Payload:
@@ -89,15 +89,9 @@ def test_rng_state_round_trips_and_loads_weights_only(tmp_path):
 
 def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
-        str(Path(sys.executable).parent / "seqmoe"),
+        str(SEQMOE),
         "train",
-        str(REPO / "configs" / "tiny-cpu.toml"),
-        "--launch.nproc_per_node=1",
-        "--data.global_batch_sequences=4",
-        "--data.max_seq_len=256",
-        "--model.d_model=32",
-        "--planner.mode=batch_adaptive",
-        "--train.eval_every=0",
+        *TINY,
         "--train.checkpoint_every=2",
         f"--train.run_dir={run_dir}",
         *extra,
