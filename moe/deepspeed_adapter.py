@@ -23,6 +23,7 @@ from torch import nn
 from moe.experts import expert_group_name
 from parallel.comm import SOLO, Group
 from parallel.context import primary_backend
+from parallel.op_build import one_op_build
 
 __all__ = ["DeepSpeedMoEModule", "expert_parallel_group"]
 
@@ -43,7 +44,8 @@ def expert_parallel_group(ep_size: int) -> Group:
     from deepspeed.utils import groups
 
     if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=primary_backend(dist.get_backend()), auto_mpi_discovery=False)
+        with one_op_build():  # builds DeepSpeed's shm op: once per venv (parallel/op_build.py)
+            deepspeed.init_distributed(dist_backend=primary_backend(dist.get_backend()), auto_mpi_discovery=False)
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
         # ep_size 1 too: DeepSpeed's engine looks up the expert-data-parallel group of every expert

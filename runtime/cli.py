@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from launchers.errors import ERROR_DIR_ENV, first_error, write_error
+from parallel.op_build import use_venv_extensions_dir
 from runtime import __version__
 from runtime.cli_io import register as register_io_commands
 from runtime.config import ConfigError, load_config, to_toml
@@ -400,17 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _per_venv_extensions_dir() -> None:
-    """DeepSpeed's compiled op is cached in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions,
-    shared by every venv, so two venvs rebuild it on every run: ~80 s against ~7 s). Inside a venv
-    and unless set, keep it in the venv; child ranks inherit the variable."""
-    folder = Path(sys.prefix) / "torch_extensions"
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _per_venv_extensions_dir()
+    use_venv_extensions_dir()  # parallel/op_build.py: one build of DeepSpeed's op per venv
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and argv[1:2] and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):

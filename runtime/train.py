@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from launchers.env import discover_environment
 from parallel.context import ParallelContext
+from parallel.op_build import one_op_build
 from planner.baselines import batch_adaptive, static_sp
 from planner.cost import CostModel
 from planner.cost_spec import CostSpecError, resolve_cost
@@ -107,7 +108,8 @@ def build_engine(model: HybridLM, config: Config):
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    with one_op_build():  # without MoE this brings up DeepSpeed's process group and builds its op
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
 

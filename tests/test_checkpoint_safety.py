@@ -107,14 +107,21 @@ def _forge(checkpoint: Path, rel: str, marker: Path) -> None:
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rel", ["rank0.pt", "ds/mp_rank_00_model_states.pt"])
-def test_resume_refuses_a_forged_checkpoint_without_running_it(tmp_path, rel):
-    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One 2-step run with its step-2 checkpoint, trained once for the module: each case forges copies."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
     first = _train(run_dir, "--train.steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    checkpoint, pristine = run_dir / "checkpoints" / "step_000002", tmp_path / "pristine"
-    shutil.copytree(run_dir, pristine)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel", ["rank0.pt", "ds/mp_rank_00_model_states.pt"])
+def test_resume_refuses_a_forged_checkpoint_without_running_it(tmp_path, rel, trained_run):
+    run_dir, marker, pristine = tmp_path / "run", tmp_path / "pwned", trained_run
+    shutil.copytree(pristine, run_dir)
+    checkpoint = run_dir / "checkpoints" / "step_000002"
     # the payload without a matching manifest: the checksum check skips the checkpoint, nothing is
     # unpickled; with no other checkpoint the resume refuses (the run folder keeps its history)
     _write_payload(checkpoint / rel, marker)

@@ -137,13 +137,32 @@ def test_each_venv_gets_its_own_torch_extensions_dir(monkeypatch, tmp_path):
     import os
     import sys
 
-    from runtime import cli
+    from parallel.op_build import use_venv_extensions_dir
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
     monkeypatch.setattr(sys, "base_prefix", "/usr")
-    cli._per_venv_extensions_dir()
+    use_venv_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")  # a user's own choice stays
-    cli._per_venv_extensions_dir()
+    use_venv_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
+
+
+def test_deepspeeds_op_is_built_with_the_venvs_ninja_whatever_the_path(monkeypatch, tmp_path):
+    """Ninja 1.11 and 1.13 read each other's build log as stale, so whichever ninja a process found
+    first on PATH rebuilt DeepSpeed's op (parallel/op_build.py): inside one_op_build it is pip's, and
+    PATH is the caller's again afterwards."""
+    import os
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    from parallel.op_build import one_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    for path in ("/usr/bin:/bin", f"{ninja.BIN_DIR}{os.pathsep}/usr/bin"):
+        monkeypatch.setenv("PATH", path)
+        with one_op_build():
+            assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+            assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "ext")
+        assert os.environ["PATH"] == path
