@@ -9,6 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # DeepSpeed's compiled ops live with this venv: two venvs sharing ~/.cache/torch_extensions
 # rebuild the op on every run (~80 s against ~7 s), each for its own torch
+# (the code sets the same folder and pins pip's ninja for the build: parallel/op_build.py)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # DeepSpeed: select the CPU accelerator explicitly where there is no GPU (silences auto-detection)
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
