@@ -158,8 +158,14 @@ def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict, CostMod
         measured, cpu = CostModel.from_json(args.cost_model), None
         info = {"source": str(args.cost_model), "calibration_s": 0.0}
     else:
+        # timed where the plans' groups fit: under the preset's synthetic cap, or the measured memory
+        memory = CostModel.preset(PRESET, world_size=args.world_size) if args.memory == "preset" else None
         result = profile_cost_model(
-            config, world_size=args.world_size, lengths=args.calibration_lengths, repeats=args.calibration_repeats
+            config,
+            world_size=args.world_size,
+            lengths=args.calibration_lengths,
+            repeats=args.calibration_repeats,
+            memory=memory,
         )
         measured, cpu = result.cost, result.cpu_cost
         info = {
@@ -316,6 +322,22 @@ def _linear_fit(xs: list[float], ys: list[float]) -> dict:
     return {"slope": slope, "intercept_s": my - slope * mx, "points": n}
 
 
+def repeat_noise(measured: list[dict], plans_info: dict) -> dict:
+    """How far two measurements of the same plan of the same batch lie apart (policies that
+    chose identical groups): |a − b| / mean, in %, for the whole step and its CPU time. A model
+    cannot be judged closer than this noise floor."""
+    by_plan: dict[tuple, list[dict]] = {}
+    for r in measured:
+        by_plan.setdefault((r["step"], repr(plans_info[r["policy"]][r["step"]]["groups"])), []).append(r)
+    pairs = [(a, b) for same in by_plan.values() for i, a in enumerate(same) for b in same[i + 1 :]]
+
+    def spread(key: str) -> float | None:
+        diffs = [abs(a[key] - b[key]) / ((a[key] + b[key]) / 2) for a, b in pairs]
+        return 100 * statistics.fmean(diffs) if diffs else None
+
+    return {"pairs": len(pairs), "step_mean_abs_pct": spread("step_s"), "cpu_mean_abs_pct": spread("cpu_s_max_rank")}
+
+
 def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
     measured = [r for r in rows if r["step"] >= warmup]
     out: dict = {"per_policy": {}, "speedups": {}, "cost_model_error": {}}
@@ -392,6 +414,7 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
     out["cost_model_error"]["calibrated_cpu_time_vs_step_cpu"] = _cpu_error_stats(
         [plans_info[r["policy"]][r["step"]] for r in measured], measured
     )
+    out["repeat_noise"] = repeat_noise(measured, plans_info)
     losses = {r["policy"]: r["loss"] for r in rows if r["step"] == 0}
     first = next(iter(losses.values()))
     # same weights, same batch, different plans: the step-0 loss must agree (plan invariance)
@@ -531,6 +554,8 @@ def main() -> None:
                     "predicted_cpu_step_s": predicted_step_s(plan, lengths, cpu_cost) if cpu_cost else None,
                     "microbatches": len(plan.microbatches),
                     "shape": plan.shapes(),
+                    # the plan's groups alone: policies that chose the same ones ran the same work
+                    "groups": [[[list(g.ranks), g.seq_indices] for g in mb.groups] for mb in plan.microbatches],
                 }
             )
     print(f"training {len(run)} policies x {num_steps} steps on {W} ranks ...", flush=True)
@@ -598,9 +623,15 @@ def main() -> None:
             + (f", {cpu['mean_abs_pct']:.1f}% CPU time; " if cpu else "; ")
             + f"preset {err['preset_vs_fwd_bwd']['median_pct']:+.0f}% fwd+bwd median)"
         )
+    noise = summary["repeat_noise"]
     for name, e in summary["cost_model_error"].items():
         if e is not None:
             print(f"cost model {name}: mean |error| {e['mean_abs_pct']:.1f}%, median {e['median_pct']:+.1f}%")
+    if noise["pairs"]:
+        print(
+            f"noise floor, the same plan measured twice ({noise['pairs']} pairs): "
+            f"{noise['step_mean_abs_pct']:.1f}% step, {noise['cpu_mean_abs_pct']:.1f}% CPU time"
+        )
     for name, s in summary["speedups"].items():
         print(
             f"{name}: measured {s['measured_median_of_step_ratios']:.2f}x, predicted {s['predicted_median_ratio']:.2f}x"

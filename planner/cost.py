@@ -6,7 +6,7 @@ lengths ``s_1 … s_n`` packed into one sequence of ``S = Σ s`` tokens, ``S / d
 Time of the group (ms), an α-β model in the sequence lengths (FlexSP §4.1.2):
 
     T(d) = beta_ms + c(d) + Σ_k t(s_k, d)        (0 for an empty group)
-    t(s, d) = (q(d)·quad_ms·s² + lin_ms·s) / d               compute: softmax attention, the rest
+    t(s, d) = (q(d)·quad_ms·s² + r(d)·lin_ms·s) / d          compute: softmax attention, the rest
             + comm_bytes_per_token·s·f(d) / bw(d)            SP traffic proportional to tokens
             + moe_bytes_per_token·s / d / ep_bandwidth       MoE expert all-to-all (fixed EP group)
     c(d) = comm_bytes_per_group·(d − 1) / bw(d)              LASP-2 state all-gathers (size fixed)
@@ -20,6 +20,11 @@ so a document of s tokens costs c_sq·s² at d = 1 but ≈ c_br·s²/d on the la
 degree-d group: q = c_br/c_sq (≈ 1.6–1.8 measured on CPU). It is 1 for Ulysses and
 flash-attention-style kernels that split the work evenly (the published presets); sequences
 much shorter than a rank's block are overestimated by it at d > 1.
+
+r(1) = 1 and r(d) = lin_sp_factor for d > 1: a rank's per-token work at degree d over lin_ms/d,
+what spreading a sequence costs per token beyond the bytes priced below (the ranks' waits at
+every layer's collectives, work on the gathered keys and states). 1 in the published presets;
+``seqmoe profile`` fits it, with q, from groups that pack several documents (runtime/profile.py).
 
 A step of M micro-batches takes step_ms + Σ_m max_groups T (:meth:`CostModel.step_time_ms`):
 step_ms is what every step pays whatever the plan (the optimizer step, the ZeRO / data-parallel
@@ -108,6 +113,8 @@ class CostModel:
     quad_sp_factor: float = 1.0
     """q(d > 1): slowest rank's softmax work at SP degree d over quad_ms·s²/d (per-document
     attention: c_br/c_sq; 1 for Ulysses / evenly split kernels)."""
+    lin_sp_factor: float = 1.0
+    """r(d > 1): a rank's per-token work at SP degree d over lin_ms/d (see the module docstring)."""
     step_ms: float = 0.0
     """Fixed ms per training step (optimizer step, gradient reduction, balance all-reduces)."""
     seq_comm: str = "alltoall"
@@ -144,6 +151,7 @@ class CostModel:
             _check_number(name, getattr(self, name), positive=False)
         _check_number("step_ms", self.step_ms, positive=False)
         _check_number("quad_sp_factor", self.quad_sp_factor, positive=True)
+        _check_number("lin_sp_factor", self.lin_sp_factor, positive=True)
         _check_number("act_mb_per_token", self.act_mb_per_token, positive=True)
         _check_number("memory_budget_gb", self.memory_budget_gb, positive=True)
         if self.memory_budget_gb <= self.model_state_gb:
@@ -187,9 +195,13 @@ class CostModel:
         """q(d)·quad_ms: ms per token² of one sequence's softmax work on a degree-``degree`` group."""
         return self.quad_ms if degree == 1 else self.quad_ms * self.quad_sp_factor
 
+    def lin_coefficient(self, degree: int) -> float:
+        """r(d)·lin_ms: ms per token of one sequence's other work on a degree-``degree`` group."""
+        return self.lin_ms if degree == 1 else self.lin_ms * self.lin_sp_factor
+
     def seq_time_ms(self, length: int, degree: int) -> float:
         """t(s, d): time one sequence adds to a degree-``degree`` group, ms (beta and c(d) excluded)."""
-        compute = (self.quad_coefficient(degree) * length * length + self.lin_ms * length) / degree
+        compute = (self.quad_coefficient(degree) * length * length + self.lin_coefficient(degree) * length) / degree
         moe = 0.0
         if self.moe_bytes_per_token:
             moe = self.moe_bytes_per_token * length / degree / _MIB / self.ep_bandwidth_gbps
@@ -201,7 +213,7 @@ class CostModel:
     def seq_times_ms(self, lengths: np.ndarray, degree: int) -> np.ndarray:
         """:meth:`seq_time_ms` of every length in ``lengths`` at once (float64 array, ms)."""
         s = np.asarray(lengths, dtype=np.float64)
-        per_token = self.lin_ms / degree
+        per_token = self.lin_coefficient(degree) / degree
         if self.moe_bytes_per_token:
             per_token += self.moe_bytes_per_token / degree / _MIB / self.ep_bandwidth_gbps
         if degree > 1 and self.comm_bytes_per_token:

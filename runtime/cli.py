@@ -197,16 +197,21 @@ def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     except ValueError as exc:
         print(f"seqmoe profile: {exc}", file=sys.stderr)
         return 2
-    print(f"{'degree':>6} {'length':>7} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+    print(f"{'degree':>6} {'length':>7} {'docs':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
     for p in result.points:
         print(
-            f"{p['degree']:>6} {p['length']:>7} {p['measured_ms']:>12.1f} {p['predicted_ms']:>13.1f} "
-            f"{p['rel_error']:>+7.1%}"
+            f"{p['degree']:>6} {p['length']:>7} {p['documents']:>5} {p['measured_ms']:>12.1f} "
+            f"{p['predicted_ms']:>13.1f} {p['rel_error']:>+7.1%}"
         )
     bandwidth = ", ".join(f"d={d}: {bw:.2f} GB/s" for d, bw in sorted(result.bandwidth_gbps.items()))
     print(f"all-gather bandwidth: {bandwidth or 'n/a (one process)'}")
     print(f"fit: mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}")
-    print(f"per-step term: {result.cost.step_ms:.1f} ms; SP quadratic factor q(d>1): {result.cost.quad_sp_factor:.2f}")
+    cost = result.cost
+    source = "fitted" if result.step_fit["quad_sp_factor_fitted"] else "softmax kernel's ratio"
+    print(
+        f"per-step term: {cost.step_ms:.1f} ms; above one rank: softmax factor q {cost.quad_sp_factor:.2f} "
+        f"({source}), per-token factor r {cost.lin_sp_factor:.2f}"
+    )
     fit = result.step_fit
     print(
         f"training steps of 1-8 micro-batches: beta {fit['bare_beta_ms']:.1f} ms bare -> {result.cost.beta_ms:.1f} ms "

@@ -1,19 +1,28 @@
 """Calibrate a cost model on the machine it runs on: ``seqmoe profile``.
 
 For every power-of-two SP degree d up to the world size and several sequence lengths s, all
-buddy groups of degree d run one packed sequence of s tokens through the real model's forward
-and backward at the same time (as in training, groups share the machine), and the slowest
-rank's time is recorded; the points take turns in every repeat (a burst of load hits them
+buddy groups of degree d run one sequence of s tokens through the real model's forward and
+backward at the same time (as in training, groups share the machine), and the slowest rank's
+time is recorded. At the two longest lengths every degree also runs groups that pack
+PACKED_PIECES near-equal documents into the same tokens, as training packs them: one document
+per group makes s² and s grow together over the lengths, and the fit could not tell the
+softmax term from the per-token one (on tiny-cpu it put the whole superlinear growth of a rank's
+time into s², and under-predicted packed training micro-batches by 6% on average, by up to 35%
+for eight short documents). The points take turns in every repeat (a burst of load hits them
 all alike). The all-gather bandwidth of each group size is measured the same way.
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
-gives the formulas). What remains, t_measured(s, d) - comm(s, d), is fitted by least squares to
-    beta + (q(d) alpha1 s^2 + alpha2 s) / d,   q(1) = 1, q(d > 1) = quad_sp_factor
-with non-negative coefficients; the report gives every point's relative error. quad_sp_factor
-(a document spread over d ranks costs its last rank more than 1/d of its softmax work, see
-planner/cost.py) is measured apart on the softmax kernel alone, the last rank's piece at SP=d
-against the whole document at SP=1 (:func:`measure_quad_sp_factor`): in whole-model timings
-on a shared machine the quadratic term is too small a part to identify it.
+gives the formulas). What remains, t_measured - comm, is fitted by least squares to
+
+    beta + (q(d) alpha1 Σs² + r(d) alpha2 Σs) / d,    q(1) = r(1) = 1
+
+over the group's documents s, with non-negative coefficients (:func:`fit_spread`): the packed
+points identify q(d > 1) = quad_sp_factor (the softmax work a spread document costs its
+slowest rank, planner/cost.py) and the degrees identify r(d > 1) = lin_sp_factor (per-token
+work of a spread sequence beyond its priced traffic). Where the data cannot identify q (no
+packed points, or a softmax term fitted to 0), q is the softmax kernel's own ratio, the last
+rank's piece at SP=d against the whole document at SP=1 (:func:`measure_quad_sp_factor`).
+The report gives every point's relative error.
 
 The per-step term step_ms and the per-micro-batch term beta_ms as training pays them: real
 training steps through the DeepSpeed engine (runtime.step.train_step), of plans with 1, 2, 4
@@ -51,14 +60,59 @@ from runtime.config import Config
 from runtime.model import build_model, layer_kinds
 from runtime.step_profile import apply_step_fit, calibration_steps, measure_engine_steps
 
-__all__ = ["ProfileResult", "comm_volumes", "fit_coefficients", "measure_quad_sp_factor", "profile_cost_model"]
+__all__ = [
+    "PACKED_PIECES",
+    "ProfileResult",
+    "SpreadFit",
+    "comm_volumes",
+    "fit_coefficients",
+    "fit_spread",
+    "measure_quad_sp_factor",
+    "calibration_points",
+    "packed_lengths",
+    "profile_cost_model",
+]
+
+PACKED_PIECES = (2, 8)
+"""Documents per group of the packed calibration points, at each of the two longest lengths."""
+
+Lengths = int | tuple[int, ...]
+"""A calibration point's group: one sequence length, or the lengths of the documents packed in it."""
+
+
+def _docs(lengths: Lengths) -> tuple[int, ...]:
+    return (lengths,) if isinstance(lengths, int) else tuple(lengths)
+
+
+def packed_lengths(total: int, pieces: int) -> tuple[int, ...]:
+    """``pieces`` near-equal document lengths summing to ``total``."""
+    return tuple(total // pieces + (i < total % pieces) for i in range(pieces))
+
+
+def calibration_points(
+    lengths: list[int], degrees: list[int], capacity: dict[int, int] | None = None
+) -> list[tuple[int, Lengths]]:
+    """The (degree, group) points the profile times: at every degree, each length it divides as
+    one document, and the two longest of them also as PACKED_PIECES documents. With ``capacity``
+    (tokens a group of each degree holds in memory), only lengths a group holds, where plans
+    go: a rank's time grows faster than linearly in its tokens, so points beyond the capacity
+    would bend the fit away from the groups the planner makes (the shortest length stays, so
+    that every degree is measured)."""
+    points: list[tuple[int, Lengths]] = []
+    for d in degrees:
+        usable = sorted(s for s in lengths if s % d == 0)
+        if capacity is not None and d in capacity:
+            usable = [s for s in usable if s <= capacity[d]] or usable[:1]
+        points += [(d, s) for s in usable]
+        points += [(d, packed_lengths(s, k)) for s in usable[-2:] for k in PACKED_PIECES if k < s]
+    return points
 
 
 @dataclass
 class ProfileResult:
     cost: CostModel
     points: list[dict]
-    """Each measured (degree, length): measured and predicted ms and the relative error."""
+    """Each measured (degree, length, documents): measured and predicted ms and the relative error."""
     bandwidth_gbps: dict[int, float]
     step_points: list[dict] = field(default_factory=list)
     """Each calibration training step (runtime/step_profile.py): measured and predicted whole-step ms."""
@@ -126,14 +180,78 @@ def _relative_nnls(rows: np.ndarray, target: np.ndarray) -> list[float]:
 
 
 def fit_coefficients(
-    points: list[tuple[int, int, float]], *, quad_sp_factor: float = 1.0
+    points: list[tuple[int, Lengths, float]], *, quad_sp_factor: float = 1.0, lin_sp_factor: float = 1.0
 ) -> tuple[float, float, float]:
     """(alpha1, alpha2, beta) >= 0 minimising the squared relative error of
-    beta + (q(d) alpha1 s^2 + alpha2 s)/d to the compute times ``(degree, length, ms)``, with
-    q(1) = 1 and q(d > 1) = ``quad_sp_factor`` (measured apart: :func:`measure_quad_sp_factor`)."""
-    rows = np.array([[1.0, (1.0 if d == 1 else quad_sp_factor) * s * s / d, s / d] for d, s, _ in points])
-    beta, alpha1, alpha2 = _relative_nnls(rows, np.array([ms for _, _, ms in points]))
+    beta + (q(d) alpha1 Σs² + r(d) alpha2 Σs)/d to the compute times ``(degree, lengths, ms)``
+    (``lengths`` one length or the documents packed in the group), with q(1) = r(1) = 1 and
+    q(d > 1), r(d > 1) the given factors."""
+    rows = []
+    for d, lengths, _ in points:
+        s = np.array(_docs(lengths), dtype=np.float64)
+        q, r = (1.0, 1.0) if d == 1 else (quad_sp_factor, lin_sp_factor)
+        rows.append([1.0, q * float(s @ s) / d, r * float(s.sum()) / d])
+    beta, alpha1, alpha2 = _relative_nnls(np.array(rows), np.array([ms for _, _, ms in points]))
     return alpha1, alpha2, beta
+
+
+@dataclass(frozen=True)
+class SpreadFit:
+    """The bare model's compute coefficients (ms) and its factors above one rank."""
+
+    alpha1: float
+    alpha2: float
+    beta: float
+    quad_sp_factor: float
+    lin_sp_factor: float
+    quad_fitted: bool
+    """q came from the data (packed points); otherwise it is the fallback given to :func:`fit_spread`."""
+
+
+def _spread_terms(points, q: float | None, r: float | None) -> tuple[float, float, float, float | None, float | None]:
+    """NNLS of the compute model with q and r free (None: a column of its own above one rank) or
+    fixed; (beta, alpha1, alpha2, q, r), a free factor None when its d = 1 or d > 1 coefficient is 0."""
+    rows = []
+    for d, lengths, _ in points:
+        s = np.array(_docs(lengths), dtype=np.float64)
+        sq, tok, one = float(s @ s) / d, float(s.sum()) / d, d == 1
+        quad = [sq if one else 0.0, 0.0 if one else sq] if q is None else [sq * (1.0 if one else q)]
+        lin = [tok if one else 0.0, 0.0 if one else tok] if r is None else [tok * (1.0 if one else r)]
+        rows.append([1.0, *quad, *lin])
+    coef = _relative_nnls(np.array(rows), np.array([ms for _, _, ms in points]))
+    beta, rest = coef[0], coef[1:]
+    if q is None:
+        alpha1, spread, rest = rest[0], rest[1], rest[2:]
+        q = spread / alpha1 if alpha1 > 0 and spread > 0 else None
+    else:
+        alpha1, rest = rest[0], rest[1:]
+    if r is None:
+        alpha2, spread = rest[0], rest[1]
+        r = spread / alpha2 if alpha2 > 0 and spread > 0 else None
+    else:
+        alpha2 = rest[0]
+    return beta, alpha1, alpha2, q, r
+
+
+def fit_spread(points: list[tuple[int, Lengths, float]], *, quad_sp_factor: float = 1.0) -> SpreadFit:
+    """The compute model of :func:`fit_coefficients` with q(d > 1) and r(d > 1) fitted too:
+    q when there are packed points both at d = 1 and above (else ``quad_sp_factor``, the
+    kernel's ratio), r when there are points above one rank (else 1). A factor whose
+    coefficient comes out 0 falls back the same way and the others are refitted."""
+    packed = {d == 1 for d, lengths, _ in points if len(_docs(lengths)) > 1}
+    spread = any(d > 1 for d, _, _ in points)
+    q_free, r_free = packed == {True, False}, spread
+    q = None if q_free else quad_sp_factor
+    r = None if r_free else 1.0
+    while True:
+        beta, alpha1, alpha2, q_got, r_got = _spread_terms(points, q, r)
+        if q is None and q_got is None:
+            q, q_free = quad_sp_factor, False
+        elif r is None and r_got is None:
+            r = 1.0
+        else:
+            q_final, r_final = q_got if q is None else q, r_got if r is None else r
+            return SpreadFit(alpha1, alpha2, beta, float(q_final), float(r_final), q_free)
 
 
 def measure_quad_sp_factor(config: Config, length: int, degrees: list[int], repeats: int, device) -> float:
@@ -189,17 +307,21 @@ def _slowest(ctx: ParallelContext, seconds: float) -> float:
     return t.item()
 
 
-def _model_timer(ctx, model, degree: int, length: int):
-    """A call that times one fwd + bwd of a ``length``-token sequence per degree-d group and
-    returns the slowest rank's (wall ms, process CPU ms)."""
+def _model_timer(ctx, model, degree: int, lengths: Lengths):
+    """A call that times one fwd + bwd of the ``lengths`` packed into one sequence per degree-d
+    group (per-document attention and state resets at their bounds, as in training) and returns
+    the slowest rank's (wall ms, process CPU ms)."""
     ranks = ctx.buddy_group_of_degree(degree)
     group = ctx.group(ranks)
+    docs = _docs(lengths)
+    length = sum(docs)
+    bounds = [0, *np.cumsum(docs).tolist()] if len(docs) > 1 else None
     T = length // degree
     g = torch.Generator().manual_seed(length)
     tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(ctx.device)
     index = ranks.index(ctx.rank)
     local = tokens[:, index * T : (index + 1) * T]
-    batch = SPContext.build(group, local_len=T, device=ctx.device, rank=index, num_ranks=degree)
+    batch = SPContext.build(group, local_len=T, bounds=bounds, device=ctx.device, rank=index, num_ranks=degree)
 
     def timed() -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
@@ -216,8 +338,8 @@ def _model_timer(ctx, model, degree: int, length: int):
     return timed
 
 
-def _time_model_sweep(ctx, model, points: list[tuple[int, int]], repeats: int) -> list[tuple[float, float]]:
-    """Slowest rank's median (wall ms, CPU ms) of each ``(degree, length)`` point. The points take turns in
+def _time_model_sweep(ctx, model, points: list[tuple[int, Lengths]], repeats: int) -> list[tuple[float, float]]:
+    """Slowest rank's median (wall ms, CPU ms) of each ``(degree, lengths)`` point. The points take turns in
     every repeat, so that a burst of load on a shared machine lands on all of them alike
     instead of bending the fitted curve at the points it hit."""
     timers = [_model_timer(ctx, model, d, s) for d, s in points]
@@ -272,7 +394,24 @@ def _memory_budget_gb(ctx, world_size: int) -> float:
     return 0.8 * psutil.virtual_memory().total / 2**30 / world_size
 
 
-def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue):
+def _capacity(
+    act_mb_per_token: float, budget_gb: float, model_state_gb: float, degrees: list[int]
+) -> dict[int, int] | None:
+    """Tokens a group of each degree holds under the measured memory (None: no room measured)."""
+    if budget_gb <= model_state_gb:
+        return None
+    memory = CostModel(
+        quad_ms=0.0,
+        lin_ms=0.0,
+        beta_ms=0.0,
+        act_mb_per_token=act_mb_per_token,
+        memory_budget_gb=budget_gb,
+        model_state_gb=model_state_gb,
+    )
+    return {d: memory.token_capacity(d) for d in degrees}
+
+
+def _worker(rank, world_size, store, config: Config, lengths, repeats, capacity, out_queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -281,12 +420,15 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     )
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, config.parallel, config.moe).to(ctx.device)
-    points = [(d, s) for d in _degrees(world_size) for s in lengths if s % d == 0]
-    rows = [(d, s, *ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
-    bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
     act = _activation_mb_per_token(model, min(lengths), ctx.device)
     budget = _memory_budget_gb(ctx, world_size)
     num_params = sum(p.numel() for p in model.parameters())
+    if capacity is None:  # what the measured memory lets each group hold
+        state_gb = zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size)
+        capacity = _capacity(act, budget, state_gb, _degrees(world_size))
+    points = calibration_points(lengths, _degrees(world_size), capacity)
+    rows = [(d, s, *ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
+    bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
     engine_steps = measure_engine_steps(ctx, config, calibration_steps(lengths, _degrees(world_size)), repeats)
     quad_sp_factor = 1.0
     if rank == 0:  # alone, while the other ranks wait: a kernel ratio, not a shared-machine time
@@ -298,8 +440,12 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, out_queue
     ctx.destroy()
 
 
-def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], repeats: int = 3) -> ProfileResult:
-    """Measure ``config``'s model on ``world_size`` local processes and fit a CostModel."""
+def profile_cost_model(
+    config: Config, *, world_size: int, lengths: list[int], repeats: int = 3, memory: CostModel | None = None
+) -> ProfileResult:
+    """Measure ``config``'s model on ``world_size`` local processes and fit a CostModel. Points
+    are timed where a group fits in memory (:func:`calibration_points`): the measured memory, or
+    ``memory``'s token capacity when the plans will use that model's memory side."""
     if not is_power_of_two(world_size):
         raise ValueError(f"profile needs a power-of-two number of processes, got {world_size}")
     if not lengths or any(s < world_size or s % world_size for s in lengths):
@@ -308,7 +454,8 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
     spawn = mp.get_context("spawn")
     queue = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        args = (world_size, os.path.join(tmp, "store"), config, sorted(lengths), repeats, queue)
+        capacity = None if memory is None else {d: memory.token_capacity(d) for d in _degrees(world_size)}
+        args = (world_size, os.path.join(tmp, "store"), config, sorted(lengths), repeats, capacity, queue)
         procs = [spawn.Process(target=_worker, args=(r, *args)) for r in range(world_size)]
         for p in procs:
             p.start()
@@ -332,7 +479,7 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
     )
     model_state_gb = zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size)
     wall = [(d, s, ms) for d, s, ms, _ in rows]
-    bare, stepped, whole, inside = _fit(probe, wall, engine_steps, quad_sp_factor, "wall", model_state_gb)
+    bare, stepped, whole, inside, quad_fitted = _fit(probe, wall, engine_steps, quad_sp_factor, "wall", model_state_gb)
     notes = (
         f"seqmoe profile on {world_size} x {device}: lengths {sorted(lengths)}, {repeats} repeats, "
         f"{num_params} parameters; step_ms and beta_ms from training steps of 1-8 micro-batches "
@@ -340,13 +487,23 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
     )
     cost = dataclasses.replace(stepped, name=f"{config.name}-profiled", notes=notes)
     cpu = [(d, s, ms) for d, s, _, ms in rows]
-    _, cpu_cost, _, _ = _fit(probe, cpu, engine_steps, quad_sp_factor, "cpu", model_state_gb)
+    cpu_bare, cpu_cost, _, _, _ = _fit(probe, cpu, engine_steps, quad_sp_factor, "cpu", model_state_gb)
     cpu_cost = dataclasses.replace(cpu_cost, name=f"{config.name}-profiled-cpu-time", notes=f"{notes}; CPU times")
     points = []
-    for d, s, ms in wall:  # the bare model's timings against the bare fit (beta before δ)
-        predicted = bare.group_time_ms([s], d)
+    for (d, lengths, ms), (_, _, cpu_ms) in zip(wall, cpu):  # bare timings against the bare fits (β before δ)
+        docs = list(_docs(lengths))
+        predicted = bare.group_time_ms(docs, d)
         points.append(
-            {"degree": d, "length": s, "measured_ms": ms, "predicted_ms": predicted, "rel_error": (predicted - ms) / ms}
+            {
+                "degree": d,
+                "length": sum(docs),
+                "documents": len(docs),
+                "measured_ms": ms,
+                "predicted_ms": predicted,
+                "rel_error": (predicted - ms) / ms,
+                "measured_cpu_ms": cpu_ms,
+                "predicted_cpu_ms": cpu_bare.group_time_ms(docs, d),
+            }
         )
     step_points = []
     for p in engine_steps:
@@ -368,18 +525,27 @@ def profile_cost_model(config: Config, *, world_size: int, lengths: list[int], r
         "bare_beta_ms": bare.beta_ms,
         "fwd_bwd_intercept_ms": inside.step_ms,
         "fwd_bwd_delta_beta_ms": inside.delta_ms,
+        "quad_sp_factor_fitted": quad_fitted,
+        "kernel_quad_sp_factor": quad_sp_factor,
     }
     return ProfileResult(cost, points, bandwidth, step_points, step_fit, cpu_cost)
 
 
 def _fit(probe: CostModel, rows, steps, quad_sp_factor: float, clock: str, model_state_gb: float):
-    """(bare fit, final model, whole-step fit, fwd + bwd fit) of ``rows`` ``(d, s, ms)`` and the
-    engine ``steps`` on ``clock`` ('wall' or 'cpu'), the communication terms of ``probe`` removed."""
-    compute = [(d, s, ms - probe.group_time_ms([s], d)) for d, s, ms in rows]
-    alpha1, alpha2, beta = fit_coefficients(compute, quad_sp_factor=quad_sp_factor)
+    """(bare fit, final model, whole-step fit, fwd + bwd fit, whether q was fitted) of ``rows``
+    ``(d, lengths, ms)`` and the engine ``steps`` on ``clock`` ('wall' or 'cpu'), the
+    communication terms of ``probe`` removed; ``quad_sp_factor`` is the kernel's q, the fallback."""
+    compute = [(d, lengths, ms - probe.group_time_ms(list(_docs(lengths)), d)) for d, lengths, ms in rows]
+    fit = fit_spread(compute, quad_sp_factor=quad_sp_factor)
     bare = dataclasses.replace(
-        probe, quad_ms=alpha1, lin_ms=alpha2, beta_ms=beta, quad_sp_factor=quad_sp_factor, model_state_gb=model_state_gb
+        probe,
+        quad_ms=fit.alpha1,
+        lin_ms=fit.alpha2,
+        beta_ms=fit.beta,
+        quad_sp_factor=fit.quad_sp_factor,
+        lin_sp_factor=fit.lin_sp_factor,
+        model_state_gb=model_state_gb,
     )
     # runtime/step_profile.py (2): the engine steps' residuals over the bare model give S and δ
     stepped, whole, inside = apply_step_fit(bare, steps, clock=clock)
-    return bare, stepped, whole, inside
+    return bare, stepped, whole, inside, fit.quad_fitted

@@ -179,6 +179,22 @@ def test_e2e_prices_plans_and_skips_degrees_that_cannot_hold_the_batch():
     assert skip_reason("flexsp", [lengths], cost) is None
 
 
+def test_repeat_noise_pairs_only_rows_that_ran_the_same_groups():
+    from benchmarks.e2e import repeat_noise
+
+    same, other = [[[0, 1], [0]], [[2, 3], [1]]], [[[0, 1, 2, 3], [0, 1]]]
+    info = {"a": [{"groups": same}], "b": [{"groups": same}], "c": [{"groups": other}]}
+    rows = [
+        {"policy": "a", "step": 0, "step_s": 1.0, "cpu_s_max_rank": 0.5},
+        {"policy": "b", "step": 0, "step_s": 1.5, "cpu_s_max_rank": 0.5},
+        {"policy": "c", "step": 0, "step_s": 9.0, "cpu_s_max_rank": 9.0},
+    ]
+    noise = repeat_noise(rows, info)
+    assert noise["pairs"] == 1 and noise["cpu_mean_abs_pct"] == 0.0
+    assert noise["step_mean_abs_pct"] == pytest.approx(100 * 0.5 / 1.25, rel=1e-12)
+    assert repeat_noise(rows[2:], info) == {"pairs": 0, "step_mean_abs_pct": None, "cpu_mean_abs_pct": None}
+
+
 @pytest.mark.slow
 def test_e2e_benchmark_writes_its_results(tmp_path):
     cmd = [sys.executable, "benchmarks/e2e.py", "--world-size", "2", "--steps", "1", "--warmup", "1"]
@@ -212,6 +228,8 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
         "calibrated_cpu_time_vs_step_cpu"  # calibrated in this run: its CPU-time model prices every plan too
     } == set(errors)
     assert all(math.isfinite(e["mean_abs_pct"]) for e in errors.values())
+    noise = result["summary"]["repeat_noise"]  # policies that chose the same groups, measured apart
+    assert noise["pairs"] == 0 or (noise["step_mean_abs_pct"] >= 0 and noise["cpu_mean_abs_pct"] >= 0)
     assert result["cost_models"]["calibrated_cpu_time"]["step_ms"] >= 0
     # same weights and batch, different plans: the first step's loss agrees (plan invariance)
     assert result["summary"]["step0_loss_max_rel_diff"] <= 1e-5

@@ -234,6 +234,19 @@ def test_quad_sp_factor_scales_the_softmax_term_above_one_rank():
     )
 
 
+def test_lin_sp_factor_scales_the_per_token_term_above_one_rank():
+    plain, spread = small_model(quad_sp_factor=1.3), small_model(quad_sp_factor=1.3, lin_sp_factor=1.25)
+    lengths = [64, 300, 1000]
+    for s in lengths:
+        assert spread.seq_time_ms(s, 1) == plain.seq_time_ms(s, 1)  # one rank: the factor does not apply
+        for d in (2, 3, 4):
+            extra = 0.25 * plain.lin_ms * s / d  # (r - 1)·lin_ms·s/d
+            assert spread.seq_time_ms(s, d) == pytest.approx(plain.seq_time_ms(s, d) + extra, rel=1e-12)
+    for d in (1, 2, 4):  # the planner's vectorised form follows the scalar one
+        got = spread.seq_times_ms(lengths, d).tolist()
+        assert got == pytest.approx([spread.seq_time_ms(s, d) for s in lengths], rel=1e-12)
+
+
 def test_step_term_is_added_once_per_step():
     cost = small_model(step_ms=120.0)
     assert cost.step_time_ms([10.0, 20.5]) == pytest.approx(150.5, rel=1e-12)
@@ -242,17 +255,23 @@ def test_step_term_is_added_once_per_step():
 
 
 def test_new_fields_round_trip_and_old_json_still_loads():
-    cost = small_model(quad_sp_factor=1.6, step_ms=42.0)
+    cost = small_model(quad_sp_factor=1.6, lin_sp_factor=1.2, step_ms=42.0)
     again = CostModel.from_json(cost.to_json())
-    assert again == cost and (again.quad_sp_factor, again.step_ms) == (1.6, 42.0)
+    assert again == cost and (again.quad_sp_factor, again.lin_sp_factor, again.step_ms) == (1.6, 1.2, 42.0)
     old = json.loads(cost.to_json())
-    del old["quad_sp_factor"], old["step_ms"]  # a file written before the fields existed
+    del old["quad_sp_factor"], old["lin_sp_factor"], old["step_ms"]  # a file written before the fields existed
     loaded = CostModel.from_json(json.dumps(old))
-    assert (loaded.quad_sp_factor, loaded.step_ms) == (1.0, 0.0)
+    assert (loaded.quad_sp_factor, loaded.lin_sp_factor, loaded.step_ms) == (1.0, 1.0, 0.0)
 
 
 @pytest.mark.parametrize(
-    ("change", "match"), [({"quad_sp_factor": 0.0}, "quad_sp_factor"), ({"step_ms": -1.0}, "step_ms")]
+    ("change", "match"),
+    [
+        ({"quad_sp_factor": 0.0}, "quad_sp_factor"),
+        ({"lin_sp_factor": 0.0}, "lin_sp_factor"),
+        ({"lin_sp_factor": float("nan")}, "lin_sp_factor"),
+        ({"step_ms": -1.0}, "step_ms"),
+    ],
 )
 def test_bad_new_fields_are_named(change, match):
     with pytest.raises(ValueError, match=match):

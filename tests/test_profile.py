@@ -9,7 +9,15 @@ import pytest
 
 from planner.cost import CostModel
 from runtime.config import load_config
-from runtime.profile import comm_volumes, fit_coefficients, measure_quad_sp_factor, profile_cost_model
+from runtime.profile import (
+    calibration_points,
+    comm_volumes,
+    fit_coefficients,
+    fit_spread,
+    measure_quad_sp_factor,
+    packed_lengths,
+    profile_cost_model,
+)
 
 FIT_TOL = 1e-9  # noiseless synthetic data: the least-squares fit is exact up to rounding
 
@@ -32,6 +40,65 @@ def test_fit_with_a_quadratic_factor_above_one_rank():
     got = fit_coefficients(points, quad_sp_factor=q)
     for x, y in zip(got, (alpha1, alpha2, beta)):
         assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
+
+
+def _spread_points(alpha1, alpha2, beta, q, r, *, packed=True):
+    groups = [256, 512, 1024, 2048]
+    if packed:
+        groups += [packed_lengths(total, k) for total in (1024, 2048) for k in (2, 8)]
+    points = []
+    for d in (1, 2, 4):
+        for g in groups:
+            docs = (g,) if isinstance(g, int) else g
+            qd, rd = (1.0, 1.0) if d == 1 else (q, r)
+            points.append((d, g, beta + (qd * alpha1 * sum(s * s for s in docs) + rd * alpha2 * sum(docs)) / d))
+    return points
+
+
+def test_packed_points_identify_both_factors_above_one_rank():
+    """q and r are fitted when groups pack several documents at d = 1 and above (exact data)."""
+    truth = (3e-5, 0.3, 90.0, 1.3, 1.25)
+    fit = fit_spread(_spread_points(*truth), quad_sp_factor=1.7)
+    got = (fit.alpha1, fit.alpha2, fit.beta, fit.quad_sp_factor, fit.lin_sp_factor)
+    for x, y in zip(got, truth):
+        assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
+    assert fit.quad_fitted
+    # the documents' lengths matter, not only their sum: one document of 2048 is not eight of 256
+    assert packed_lengths(2048, 8) == (256,) * 8 and packed_lengths(10, 3) == (4, 3, 3)
+
+
+def test_without_packed_points_q_is_the_kernels_and_r_is_still_fitted():
+    """One document per group cannot separate s² from s above one rank: q falls back to the given
+    kernel ratio (exact data made with that q), r is fitted."""
+    truth = (3e-5, 0.3, 90.0, 1.7, 1.25)
+    fit = fit_spread(_spread_points(*truth, packed=False), quad_sp_factor=1.7)
+    assert not fit.quad_fitted and fit.quad_sp_factor == 1.7
+    for x, y in zip((fit.alpha1, fit.alpha2, fit.beta, fit.lin_sp_factor), (3e-5, 0.3, 90.0, 1.25)):
+        assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
+
+
+def test_a_softmax_term_fitted_to_zero_falls_back_to_the_kernel_ratio():
+    """Data with no s² term at all: q is not identified (0/0), so the kernel's ratio is kept."""
+    fit = fit_spread(_spread_points(0.0, 0.3, 90.0, 1.0, 1.25), quad_sp_factor=1.6)
+    assert not fit.quad_fitted and fit.quad_sp_factor == 1.6
+    assert fit.alpha1 <= 1e-12 and abs(fit.lin_sp_factor - 1.25) <= 1e-6 and abs(fit.alpha2 - 0.3) <= 1e-6
+
+
+def test_calibration_points_stay_where_a_group_fits():
+    """Every length a degree divides, one document and the two longest packed; with a capacity, only
+    the groups that fit (and the shortest length where none does)."""
+    lengths = [256, 512, 1024, 2048]
+    everything = calibration_points(lengths, [1, 2])
+    assert [p for p in everything if isinstance(p[1], int)] == [(d, s) for d in (1, 2) for s in lengths]
+    packed = {(d, sum(g), len(g)) for d, g in everything if not isinstance(g, int)}
+    assert packed == {(d, s, k) for d in (1, 2) for s in (1024, 2048) for k in (2, 8)}
+    capped = calibration_points(lengths, [1, 2, 4], {1: 632, 2: 1238, 4: 100})
+    single = [p for p in capped if isinstance(p[1], int)]
+    assert single == [(1, 256), (1, 512), (2, 256), (2, 512), (2, 1024), (4, 256)]
+    packed = {(d, sum(g), len(g)) for d, g in capped if not isinstance(g, int)}
+    assert packed == {(1, s, k) for s in (256, 512) for k in (2, 8)} | {
+        (2, s, k) for s in (512, 1024) for k in (2, 8)
+    } | {(4, 256, k) for k in (2, 8)}
 
 
 def test_quad_sp_factor_is_measured_on_the_kernel():
@@ -86,11 +153,13 @@ def test_profile_end_to_end_on_two_ranks():
         ],
     )
     result = profile_cost_model(config, world_size=2, lengths=[64, 128, 256], repeats=1)
-    assert {(p["degree"], p["length"]) for p in result.points} == {(d, s) for d in (1, 2) for s in (64, 128, 256)}
+    single = {(d, s, 1) for d in (1, 2) for s in (64, 128, 256)}
+    packed = {(d, s, k) for d in (1, 2) for s in (128, 256) for k in (2, 8)}  # the two longest lengths
+    assert {(p["degree"], p["length"], p["documents"]) for p in result.points} == single | packed
     assert set(result.bandwidth_gbps) == {2} and result.bandwidth_gbps[2] > 0
     cost = result.cost
     assert cost.act_mb_per_token > 0 and cost.memory_budget_gb > 0 and cost.model_state_gb > 0
-    assert cost.step_ms >= 0 and cost.quad_sp_factor > 0  # the fitted per-step term (S >= 0), measured factor
+    assert cost.step_ms >= 0 and cost.quad_sp_factor > 0 and cost.lin_sp_factor > 0  # S >= 0, fitted factors
     # the training steps of runtime/step_profile.py: 1, 2, 4, 8 micro-batches at the two shortest lengths
     assert sorted((p["length"], p["microbatches"]) for p in result.step_points) == [
         (s, m) for s in (64, 128) for m in (1, 2, 4, 8)
