@@ -5,10 +5,11 @@ buddy groups of degree d run one sequence of s tokens through the real model's f
 backward at the same time (as in training, groups share the machine), and the slowest rank's
 time is recorded. At the two longest lengths every degree also runs groups that pack
 PACKED_PIECES near-equal documents into the same tokens, as training packs them: one document
-per group makes s² and s grow together over the lengths, and the fit could not tell the
-softmax term from the per-token one (on tiny-cpu it put the whole superlinear growth of a rank's
-time into s², and under-predicted packed training micro-batches by 6% on average, by up to 35%
-for eight short documents). The points take turns in every repeat (a burst of load hits them
+per group makes s² and s grow together over the lengths, and the fit cannot tell the
+softmax term from the per-token one. On tiny-cpu it put the superlinear growth of a rank's
+time in its tokens into s²: eight 256-token documents in a degree-4 group took 0.91× the time
+of one 2,048-token document, where that fit predicted 0.66×, so it under-predicted the packed
+micro-batches of training. The points take turns in every repeat (a burst of load hits them
 all alike). The all-gather bandwidth of each group size is measured the same way.
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
