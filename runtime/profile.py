@@ -65,11 +65,11 @@ __all__ = [
     "PACKED_PIECES",
     "ProfileResult",
     "SpreadFit",
+    "calibration_points",
     "comm_volumes",
     "fit_coefficients",
     "fit_spread",
     "measure_quad_sp_factor",
-    "calibration_points",
     "packed_lengths",
     "profile_cost_model",
 ]
@@ -427,6 +427,10 @@ def _worker(rank, world_size, store, config: Config, lengths, repeats, capacity,
     if capacity is None:  # what the measured memory lets each group hold
         state_gb = zero_model_state_gb(num_params, zero_stage=config.train.zero_stage, world_size=world_size)
         capacity = _capacity(act, budget, state_gb, _degrees(world_size))
+        if capacity is not None and world_size > 1:  # every rank must time the same points
+            held = torch.tensor([capacity[d] for d in _degrees(world_size)], dtype=torch.int64)
+            dist.all_reduce(held, op=dist.ReduceOp.MIN, group=ctx.world)
+            capacity = dict(zip(_degrees(world_size), held.tolist()))
     points = calibration_points(lengths, _degrees(world_size), capacity)
     rows = [(d, s, *ms) for (d, s), ms in zip(points, _time_model_sweep(ctx, model, points, repeats))]
     bandwidth = {d: _bandwidth(ctx, d) for d in _degrees(world_size) if d > 1}
