@@ -24,7 +24,7 @@ much shorter than a rank's block are overestimated by it at d > 1.
 r(1) = 1 and r(d) = lin_sp_factor for d > 1: a rank's per-token work at degree d over lin_ms/d,
 what spreading a sequence costs per token beyond the bytes priced below (the ranks' waits at
 every layer's collectives, work on the gathered keys and states). 1 in the published presets;
-``seqmoe profile`` fits it, with q, from groups that pack several documents (runtime/profile.py).
+``seqmoe profile`` fits it with q (runtime/profile.py): r from the degrees, q from packed groups.
 
 A step of M micro-batches takes step_ms + Σ_m max_groups T (:meth:`CostModel.step_time_ms`):
 step_ms is what every step pays whatever the plan (the optimizer step, the ZeRO / data-parallel
