@@ -30,14 +30,14 @@ def test_fit_recovers_known_coefficients():
         assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
 
 
-def test_fit_with_a_quadratic_factor_above_one_rank():
-    alpha1, alpha2, beta, q = 2e-6, 0.05, 3.0, 1.7
+def test_fit_with_given_factors_above_one_rank():
+    alpha1, alpha2, beta, q, r = 2e-6, 0.05, 3.0, 1.7, 1.2
     points = [
-        (d, s, beta + ((q if d > 1 else 1.0) * alpha1 * s * s + alpha2 * s) / d)
+        (d, s, beta + ((q if d > 1 else 1.0) * alpha1 * s * s + (r if d > 1 else 1.0) * alpha2 * s) / d)
         for d in (1, 2, 4)
         for s in (256, 1024, 4096)
     ]
-    got = fit_coefficients(points, quad_sp_factor=q)
+    got = fit_coefficients(points, quad_sp_factor=q, lin_sp_factor=r)
     for x, y in zip(got, (alpha1, alpha2, beta)):
         assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
 
@@ -63,7 +63,7 @@ def test_packed_points_identify_both_factors_above_one_rank():
     for x, y in zip(got, truth):
         assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
     assert fit.quad_fitted
-    # the documents' lengths matter, not only their sum: one document of 2048 is not eight of 256
+    # near-equal pieces summing to the total
     assert packed_lengths(2048, 8) == (256,) * 8 and packed_lengths(10, 3) == (4, 3, 3)
 
 
