@@ -187,12 +187,7 @@ def fit_coefficients(
     beta + (q(d) alpha1 Σs² + r(d) alpha2 Σs)/d to the compute times ``(degree, lengths, ms)``
     (``lengths`` one length or the documents packed in the group), with q(1) = r(1) = 1 and
     q(d > 1), r(d > 1) the given factors."""
-    rows = []
-    for d, lengths, _ in points:
-        s = np.array(_docs(lengths), dtype=np.float64)
-        q, r = (1.0, 1.0) if d == 1 else (quad_sp_factor, lin_sp_factor)
-        rows.append([1.0, q * float(s @ s) / d, r * float(s.sum()) / d])
-    beta, alpha1, alpha2 = _relative_nnls(np.array(rows), np.array([ms for _, _, ms in points]))
+    beta, alpha1, alpha2, _, _ = _spread_terms(points, quad_sp_factor, lin_sp_factor)
     return alpha1, alpha2, beta
 
 
