@@ -14,6 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _run(cmd: list[str], timeout: int) -> None:
+    """Run a benchmark; on failure the assertion carries the tail of its output (CI shows it)."""
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+
+
 @pytest.mark.slow
 def test_sp_ops_benchmark_writes_its_results(tmp_path):
     cmd = [
@@ -32,7 +38,7 @@ def test_sp_ops_benchmark_writes_its_results(tmp_path):
         "--out-dir",
         str(tmp_path),
     ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    _run(cmd, timeout=300)
     result = json.loads((tmp_path / "sp_ops.json").read_text())
     assert (tmp_path / "sp_ops.png").stat().st_size > 0
     assert {"machine", "config", "summary", "rows"} <= set(result)
@@ -77,7 +83,7 @@ def test_bench_rejects_lengths_that_do_not_split(tmp_path):
 
 def test_linear_kernels_benchmark_runs_on_cpu(tmp_path):
     cmd = [sys.executable, "benchmarks/linear_kernels.py", "--quick", "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    _run(cmd, timeout=300)
     result = json.loads((tmp_path / "linear_kernels.json").read_text())
     assert result["config"]["device"] in ("cpu", "cuda") and result["rows"]
     assert (tmp_path / "linear_kernels.png").stat().st_size > 0
@@ -85,9 +91,7 @@ def test_linear_kernels_benchmark_runs_on_cpu(tmp_path):
 
 def test_planner_benchmark_writes_its_results(tmp_path):
     cmd = [sys.executable, "benchmarks/planner.py", "--quick", "--batches", "1", "--batch-size", "128"]
-    subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300
-    )
+    _run([*cmd, "--out-dir", str(tmp_path)], timeout=300)
     result = json.loads((tmp_path / "planner.json").read_text())
     assert (tmp_path / "planner.png").stat().st_size > 0
     assert {"machine", "config", "summary", "rows"} <= set(result)
@@ -123,7 +127,7 @@ def test_planner_benchmark_writes_its_results(tmp_path):
 def test_moe_benchmark_writes_its_results(tmp_path):
     cmd = [sys.executable, "benchmarks/moe.py", "--quick", "--steps", "2", "--seeds", "1", "--seq-len", "64"]
     cmd += ["--val-batches", "1", "--repeats", "1", "--world-size", "2", "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    _run(cmd, timeout=300)
     result = json.loads((tmp_path / "moe.json").read_text())
     assert (tmp_path / "moe.png").stat().st_size > 0 and (tmp_path / "moe_domains.png").stat().st_size > 0
     assert {"machine", "config", "summary", "overhead", "runs"} <= set(result)
@@ -200,8 +204,7 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
     cmd = [sys.executable, "benchmarks/e2e.py", "--world-size", "2", "--steps", "1", "--warmup", "1"]
     cmd += ["--batch-sequences", "4", "--max-seq-len", "128", "--calibration-lengths", "64", "128"]
     cmd += ["--calibration-repeats", "1", "--set", "model.d_model=32", "model.ffn_hidden=32", "moe.router_dim=16"]
-    subprocess.run([*cmd, "--out-dir", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True,
-                   timeout=600)  # fmt: skip
+    _run([*cmd, "--out-dir", str(tmp_path)], timeout=600)
     result = json.loads((tmp_path / "e2e.json").read_text())
     assert (tmp_path / "e2e.png").stat().st_size > 0 and (tmp_path / "e2e_profile.json").stat().st_size > 0
     assert {"machine", "versions", "config", "cost_models", "policies", "summary", "rows"} <= set(result)
@@ -240,8 +243,7 @@ def test_projection_benchmark_writes_its_results(tmp_path):
     cmd = [sys.executable, "benchmarks/projection.py", "--ranks", "8", "16", "--pod-ranks", "8", "--batches", "1"]
     cmd += ["--seqs-per-rank", "2", "--distributions", "wikipedia", "--cpu-profile", str(profile)]
     cmd += ["--cost-models", "flexsp-gpt7b-a100", "hybrid-1b-h100", "tiny-cpu-calibrated"]
-    subprocess.run([*cmd, "--out-dir", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True,
-                   timeout=300)  # fmt: skip
+    _run([*cmd, "--out-dir", str(tmp_path)], timeout=300)
     result = json.loads((tmp_path / "projection.json").read_text())
     assert (tmp_path / "projection.png").stat().st_size > 0
     assert "PROJECTION" in result["kind"] and "not measurements" in result["kind"]
@@ -266,7 +268,7 @@ def test_soak_quick_records_memory_descriptors_and_groups(tmp_path):
     """`soak.py --quick`: 60 steps on 4 gloo ranks, a sample every 10; the figures are recorded
     and the acceptance computed (its verdict is not asserted: 60 steps are still warm-up)."""
     cmd = [sys.executable, "benchmarks/soak.py", "--quick", "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+    _run(cmd, timeout=600)
     result = json.loads((tmp_path / "soak.json").read_text())
     assert (tmp_path / "soak.png").stat().st_size > 0
     summary = result["summary"]
@@ -288,7 +290,7 @@ def test_gpu_delta_check_smoke_run_on_cpu(tmp_path):
     """The prepared GPU check of the delta rule runs end to end (torch rows only on CPU)."""
     cmd = [sys.executable, "benchmarks/gpu_delta_check.py", "--device", "cpu", "--lengths", "128"]
     cmd += ["--heads", "2", "--head-dim", "8", "--repeats", "1", "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    _run(cmd, timeout=300)
     result = json.loads((tmp_path / "gpu_delta_check.json").read_text())
     assert result["fla_available"] is False
     assert {row["backend"] for row in result["accuracy"]} == {"torch"} and len(result["throughput"]) == 1
