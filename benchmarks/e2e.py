@@ -179,6 +179,7 @@ def calibrate(config: Config, args) -> tuple[CostModel, CostModel, dict, CostMod
             "step_points": result.step_points,
             "step_fit": result.step_fit,
             "step_fit_mean_abs_rel_error": result.step_mean_abs_rel_error,
+            "warnings": result.warnings,
             "calibration_s": time.perf_counter() - start,
         }
     calibrated = calibrated_cost(measured, world_size=args.world_size, memory=args.memory)
@@ -296,6 +297,10 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")  # a fit with no time at all prices every plan at 0
+
+
 def _error_stats(pairs: list[tuple[float, float]]) -> dict:
     """Relative error predicted / measured - 1 over (predicted, measured) pairs."""
     errors = [p / m - 1 for p, m in pairs]
@@ -378,6 +383,7 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
         }
     per = out["per_policy"]
     if "flexsp" in per:
+        flex = plans_info["flexsp"]
         for policy in per:
             if policy != "flexsp":
                 # per-step ratios: the policies ran the same batch back to back
@@ -392,7 +398,7 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                     "measured_tokens_per_s_ratio": per["flexsp"]["tokens_per_s"] / per[policy]["tokens_per_s"],
                     "predicted_median_ratio": _median(
                         [
-                            plans_info[policy][s]["predicted_step_s"] / plans_info["flexsp"][s]["predicted_step_s"]
+                            _ratio(plans_info[policy][s]["predicted_step_s"], flex[s]["predicted_step_s"])
                             for s in {r["step"] for r in measured}
                         ]
                     ),
@@ -523,6 +529,8 @@ def main() -> None:
     config = build_config(args)
     print(f"calibrating the cost model on {W} gloo ranks ...", flush=True)
     profiled, cost, calibration, cpu_cost = calibrate(config, args)
+    for warning in calibration.get("warnings", []):
+        print(f"calibration warning: {warning}", flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if not args.cost_model:  # what `seqmoe profile` writes: reusable with --cost-model
         (args.out_dir / f"{args.name}_profile.json").write_text(profiled.to_json() + "\n")

@@ -223,6 +223,8 @@ def _cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     tmp.write_text(result.cost.to_json())
     tmp.replace(out)  # never leave a half-written cost model where the planner would read it
     print(f"wrote {out} (use it with: seqmoe plan --cost {out})")
+    for warning in result.warnings:
+        print(f"seqmoe profile: warning: {warning}", file=sys.stderr)
     return 0
 
 

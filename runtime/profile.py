@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue as queue_module
 import statistics
 import tempfile
 import time
@@ -135,6 +136,17 @@ class ProfileResult:
     @property
     def max_abs_rel_error(self) -> float:
         return max(abs(p["rel_error"]) for p in self.points)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What makes this fit unfit to plan with: timings that do not grow with the tokens leave
+        the planner nothing to choose by (every plan costs the same)."""
+        if self.cost.quad_ms == 0 and self.cost.lin_ms == 0:
+            return [
+                "the measured times do not grow with the tokens (softmax and per-token terms fitted to 0): "
+                "the lengths are too short to time on this machine; profile longer --lengths"
+            ]
+        return []
 
 
 def comm_volumes(config: Config, elem_bytes: int) -> tuple[str, float, float]:
@@ -459,11 +471,22 @@ def profile_cost_model(
         procs = [spawn.Process(target=_worker, args=(r, *args)) for r in range(world_size)]
         for p in procs:
             p.start()
+        got = None
+        while got is None:  # read before joining: rank 0 cannot exit while its result fills the pipe
+            try:
+                got = queue.get(timeout=5)
+            except queue_module.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs) or all(p.exitcode is not None for p in procs):
+                    break
+        if got is None:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()  # the others wait in a collective for the rank that died
         for p in procs:
             p.join()
-        if any(p.exitcode for p in procs):
+        if got is None or any(p.exitcode for p in procs):
             raise RuntimeError(f"a profiling rank failed (exit codes {[p.exitcode for p in procs]}); see its output")
-        rows, bandwidth, act, budget, num_params, device, engine_steps, quad_sp_factor = queue.get()
+        rows, bandwidth, act, budget, num_params, device, engine_steps, quad_sp_factor = got
     elem_bytes = 2 if device.startswith("cuda") else 4
     seq_comm, per_token, per_group = comm_volumes(config, elem_bytes)
     probe = CostModel(

@@ -10,6 +10,7 @@ import pytest
 from planner.cost import CostModel
 from runtime.config import load_config
 from runtime.profile import (
+    ProfileResult,
     calibration_points,
     comm_volumes,
     fit_coefficients,
@@ -115,6 +116,22 @@ def test_fit_keeps_coefficients_non_negative():
     points = [(1, s, 0.1 * s - 1e-7 * s * s) for s in (100, 200, 400, 800)]
     alpha1, alpha2, beta = fit_coefficients(points)
     assert alpha1 >= 0 and alpha2 >= 0 and beta >= 0
+
+
+def test_a_fit_whose_times_do_not_grow_with_the_tokens_is_flagged():
+    """Flat timings (noise over a fixed cost) fit alpha1 = alpha2 = 0: every plan would cost the
+    same, so the profile says so and names the fix; a fit with a per-token term is not flagged."""
+    flat = [(d, s, 40.0 - 1e-3 * s / d) for d in (1, 2) for s in (256, 512, 1024)]  # noise that falls with s
+    alpha1, alpha2, beta = fit_coefficients(flat)
+    assert alpha1 == alpha2 == 0.0 and beta > 0
+
+    def result(quad_ms: float, lin_ms: float) -> ProfileResult:
+        cost = CostModel(quad_ms=quad_ms, lin_ms=lin_ms, beta_ms=beta, act_mb_per_token=0.1, memory_budget_gb=1.0)
+        return ProfileResult(cost, [], {})
+
+    (warning,) = result(alpha1, alpha2).warnings
+    assert "do not grow with the tokens" in warning and "longer --lengths" in warning
+    assert result(0.0, 0.01).warnings == [] and result(1e-6, 0.0).warnings == []
 
 
 def test_comm_volumes_follow_the_formulas():
