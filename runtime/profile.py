@@ -4,13 +4,16 @@ For every power-of-two SP degree d up to the world size and several sequence len
 buddy groups of degree d run one sequence of s tokens through the real model's forward and
 backward at the same time (as in training, groups share the machine), and the slowest rank's
 time is recorded. At the two longest lengths every degree also runs groups that pack
-PACKED_PIECES near-equal documents into the same tokens, as training packs them: one document
-per group makes s² and s grow together over the lengths, and the fit cannot tell the
-softmax term from the per-token one. On tiny-cpu it put the superlinear growth of a rank's
-time in its tokens into s²: eight 256-token documents in a degree-4 group took 0.91× the time
-of one 2,048-token document, where that fit predicted 0.66×, so it under-predicted the packed
-micro-batches of training. The points take turns in every repeat (a burst of load hits them
-all alike). The all-gather bandwidth of each group size is measured the same way.
+PACKED_PIECES documents of distinct lengths into the same tokens, as training packs them: one
+document per group makes s² and s grow together over the lengths, and the fit cannot tell the
+softmax term from the per-token one. On tiny-cpu it put the superlinear growth of a rank's time
+in its tokens into s²: eight 256-token documents in a degree-4 group took 0.91× the time of one
+2,048-token document, where that fit predicted 0.66×, so it under-predicted the packed
+micro-batches of training. The pieces are distinct because equal ones share one attention call
+(parallel/doc_attention.py), a cheaper path than training's documents take: at d = 4, eight
+distinct documents in 1,024 tokens cost 1.22× one document, eight equal ones 0.87×. The points
+take turns in every repeat (a burst of load hits them all alike). The all-gather bandwidth of
+each group size is measured the same way.
 
 The communication volumes are not fitted: they follow from the model config (parallel/README.md
 gives the formulas). What remains, t_measured - comm, is fitted by least squares to
@@ -87,8 +90,16 @@ def _docs(lengths: Lengths) -> tuple[int, ...]:
 
 
 def packed_lengths(total: int, pieces: int) -> tuple[int, ...]:
-    """``pieces`` near-equal document lengths summing to ``total``."""
-    return tuple(total // pieces + (i < total % pieces) for i in range(pieces))
+    """``pieces`` document lengths summing to ``total``, in proportions pieces : pieces + 1 : … :
+    2·pieces − 1 (near-equal where ``total`` is too short for that). Distinct, as training's are:
+    the per-document attention runs equal lengths as one batched call, so equal pieces would time
+    a cheaper path than training's documents take."""
+    weights = range(pieces, 2 * pieces)
+    out = [total * w // sum(weights) for w in weights]
+    if min(out) < 1:
+        out = [total // pieces + (i < total % pieces) for i in range(pieces)]
+    out[-1] += total - sum(out)
+    return tuple(out)
 
 
 def calibration_points(
@@ -521,6 +532,7 @@ def profile_cost_model(
                 "degree": d,
                 "length": sum(docs),
                 "documents": len(docs),
+                "docs": docs,
                 "measured_ms": ms,
                 "predicted_ms": predicted,
                 "rel_error": (predicted - ms) / ms,

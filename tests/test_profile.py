@@ -64,8 +64,9 @@ def test_packed_points_identify_both_factors_above_one_rank():
     for x, y in zip(got, truth):
         assert abs(x - y) <= FIT_TOL * max(abs(y), 1.0)
     assert fit.quad_fitted
-    # near-equal pieces summing to the total
-    assert packed_lengths(2048, 8) == (256,) * 8 and packed_lengths(10, 3) == (4, 3, 3)
+    # distinct pieces (proportions k .. 2k - 1) summing to the total; near-equal when too short
+    assert packed_lengths(2048, 8) == (178, 200, 222, 244, 267, 289, 311, 337)
+    assert packed_lengths(1024, 2) == (409, 615) and packed_lengths(10, 8) == (2, 2, 1, 1, 1, 1, 1, 1)
 
 
 def test_without_packed_points_q_is_the_kernels_and_r_is_still_fitted():
@@ -173,6 +174,7 @@ def test_profile_end_to_end_on_two_ranks():
     single = {(d, s, 1) for d in (1, 2) for s in (64, 128, 256)}
     packed = {(d, s, k) for d in (1, 2) for s in (128, 256) for k in (2, 8)}  # the two longest lengths
     assert {(p["degree"], p["length"], p["documents"]) for p in result.points} == single | packed
+    assert all(sum(p["docs"]) == p["length"] and len(p["docs"]) == p["documents"] for p in result.points)
     assert set(result.bandwidth_gbps) == {2} and result.bandwidth_gbps[2] > 0
     cost = result.cost
     assert cost.act_mb_per_token > 0 and cost.memory_budget_gb > 0 and cost.model_state_gb > 0
