@@ -112,6 +112,25 @@ def predicted_s(plan: StepPlan, lengths: list[int], cost: CostModel) -> float:
     return sum(_microbatch_ms(plan, lengths, cost)) / 1e3
 
 
+def bracket(plans_info: dict, executed: dict, batches: list, after: CostModel, cpu_after: CostModel) -> None:
+    """Price every executed plan with the calibration made after training too, and record the
+    mean of the two calibrations' prices (``bracketed_*``): the machine's speed at the midpoint
+    of a run, not only at its start, for the error of the model itself."""
+    for policy, plans in executed.items():
+        for info, plan, lengths in zip(plans_info[policy], plans, batches):
+            info.update(
+                after_s=predicted_s(plan, lengths, after),
+                after_step_s=predicted_step_s(plan, lengths, after),
+                after_cpu_step_s=predicted_step_s(plan, lengths, cpu_after),
+            )
+            for name, before, later in (
+                ("bracketed_s", "predicted_s", "after_s"),
+                ("bracketed_step_s", "predicted_step_s", "after_step_s"),
+                ("bracketed_cpu_step_s", "predicted_cpu_step_s", "after_cpu_step_s"),
+            ):
+                info[name] = (info[before] + info[later]) / 2
+
+
 def predicted_step_s(plan: StepPlan, lengths: list[int], cost: CostModel) -> float:
     """A plan's whole step under ``cost``: the micro-batches plus the per-step term (step_ms)."""
     return cost.step_time_ms(_microbatch_ms(plan, lengths, cost)) / 1e3
@@ -420,6 +439,18 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
     out["cost_model_error"]["calibrated_cpu_time_vs_step_cpu"] = _cpu_error_stats(
         [plans_info[r["policy"]][r["step"]] for r in measured], measured
     )
+    infos = [plans_info[r["policy"]][r["step"]] for r in measured]
+    if all("bracketed_step_s" in i for i in infos):  # calibrated again after training
+        for part, key in (("fwd_bwd_s", "bracketed_s"), ("step_s", "bracketed_step_s")):
+            pairs = [(i[key], r[part]) for i, r in zip(infos, measured)]
+            out["cost_model_error"][f"bracketed_vs_{part[:-2]}"] = _error_stats(pairs)
+        cpu = [(i["bracketed_cpu_step_s"], r["cpu_s_max_rank"]) for i, r in zip(infos, measured)]
+        out["cost_model_error"]["bracketed_cpu_time_vs_step_cpu"] = _error_stats(cpu)
+        # how far the machine moved while training: the later calibration's price over the earlier
+        out["calibration_drift"] = {
+            "after_over_before_median": _median([i["after_step_s"] / i["predicted_step_s"] for i in infos]),
+            "cpu_after_over_before_median": _median([i["after_cpu_step_s"] / i["predicted_cpu_step_s"] for i in infos]),
+        }
     out["repeat_noise"] = repeat_noise(measured, plans_info)
     losses = {r["policy"]: r["loss"] for r in rows if r["step"] == 0}
     first = next(iter(losses.values()))
@@ -509,6 +540,13 @@ def main() -> None:
     parser.add_argument("--calibration-repeats", type=int, help="timed repeats per calibration point (quick 2, full 3)")
     parser.add_argument("--policies", nargs="+", help="subset of the policies to run (default: all)")
     parser.add_argument(
+        "--recalibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate again after training and also report the error of the two calibrations' mean "
+        "(a shared machine's speed drifts over minutes; default on, off with --cost-model)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -543,13 +581,14 @@ def main() -> None:
     for policy, reason in skipped.items():
         print(f"skipping {policy}: {reason}", flush=True)
     run = [p for p in chosen if p not in skipped]
-    plans, plans_info = {}, {}
+    plans, plans_info, executed = {}, {}, {}
     for policy in run:
-        plans[policy], plans_info[policy] = [], []
+        plans[policy], plans_info[policy], executed[policy] = [], [], []
         for lengths in batches:
             plan = make_plan(policy, lengths, num_ranks=W, cost=cost, time_limit_s=args.time_limit)
             plan.validate(lengths, cost)
             plans[policy].append(plan.to_json())
+            executed[policy].append(plan)
             plans_info[policy].append(
                 {
                     "solve_time_s": plan.solve_time_s,
@@ -571,6 +610,11 @@ def main() -> None:
     train_start = time.perf_counter()
     rows = run_workers(job, W)
     train_s = time.perf_counter() - train_start
+    after = None
+    if args.recalibrate and not args.cost_model:
+        print(f"calibrating again after training on {W} gloo ranks ...", flush=True)
+        after = calibrate(config, args)
+        bracket(plans_info, executed, batches, after[1], after[3])
     for r in rows:
         r.update(plans_info[r["policy"]][r["step"]])
     summary = summarise(rows, plans_info, args.warmup)
@@ -597,6 +641,9 @@ def main() -> None:
             "calibrated_cpu_time": json_fields(cpu_cost) if cpu_cost else None,
             "profiled": json_fields(profiled),
             "calibration": calibration,
+            "calibrated_after": json_fields(after[1]) if after else None,
+            "calibrated_cpu_time_after": json_fields(after[3]) if after and after[3] else None,
+            "calibration_after": after[2] if after else None,
             "preset": json_fields(preset),
         },
         "policies": {
@@ -607,6 +654,7 @@ def main() -> None:
         "rows": rows,
         "runtime_s": {
             "calibration": calibration["calibration_s"],
+            "calibration_after": after[2]["calibration_s"] if after else 0.0,
             "training": train_s,
             "total": time.perf_counter() - start,
         },
@@ -639,6 +687,12 @@ def main() -> None:
         print(
             f"noise floor, the same plan measured twice ({noise['pairs']} pairs): "
             f"{noise['step_mean_abs_pct']:.1f}% step, {noise['cpu_mean_abs_pct']:.1f}% CPU time"
+        )
+    if "calibration_drift" in summary:
+        drift = summary["calibration_drift"]
+        print(
+            f"calibration after training over before (median over the executed plans): "
+            f"{drift['after_over_before_median']:.3f} wall, {drift['cpu_after_over_before_median']:.3f} CPU time"
         )
     for name, s in summary["speedups"].items():
         print(

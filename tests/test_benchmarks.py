@@ -229,8 +229,13 @@ def test_e2e_benchmark_writes_its_results(tmp_path):
     errors = result["summary"]["cost_model_error"]
     assert {"calibrated_vs_fwd_bwd", "calibrated_vs_step", "preset_vs_fwd_bwd", "preset_vs_step"} | {
         "calibrated_cpu_time_vs_step_cpu"  # calibrated in this run: its CPU-time model prices every plan too
-    } == set(errors)
+    } | {"bracketed_vs_fwd_bwd", "bracketed_vs_step", "bracketed_cpu_time_vs_step_cpu"} == set(errors)
     assert all(math.isfinite(e["mean_abs_pct"]) for e in errors.values())
+    # calibrated again after training: every plan priced by both, the drift between them recorded
+    assert result["cost_models"]["calibrated_after"]["lin_ms"] >= 0 and result["cost_models"]["calibration_after"]
+    assert all(math.isfinite(v) and v > 0 for v in result["summary"]["calibration_drift"].values())
+    for row in result["rows"]:
+        assert row["bracketed_step_s"] == pytest.approx((row["predicted_step_s"] + row["after_step_s"]) / 2)
     noise = result["summary"]["repeat_noise"]  # policies that chose the same groups, measured apart
     assert noise["pairs"] == 0 or (noise["step_mean_abs_pct"] >= 0 and noise["cpu_mean_abs_pct"] >= 0)
     assert result["cost_models"]["calibrated_cpu_time"]["step_ms"] >= 0
