@@ -40,7 +40,12 @@ term step_ms, fitted by `seqmoe profile` apart from beta_ms over training steps 
 micro-batches, runtime/step_profile.py) against the step. The calibration also fits the same
 model to process CPU times (``ProfileResult.cpu_cost``); every plan priced with it is compared
 with the step's busiest-rank CPU time (``calibrated_cpu_time_vs_step_cpu``), an error that
-other jobs' load on a shared machine barely moves (absent with ``--cost-model``). The step-0
+other jobs' load on a shared machine barely moves (absent with ``--cost-model``). A shared
+machine's speed also drifts over the minutes a run takes (whole runs of the same code came out
+−4.8% and +5.4% in median error), so after training the model is calibrated again
+(``--no-recalibrate`` skips it): every executed plan is priced by that calibration too, the
+``bracketed_*`` errors use the mean of the two prices, and ``calibration_drift`` says how far
+the machine moved. Plans are only ever made with the first calibration. The step-0
 loss of every policy is recorded: same weights, same batch, different plans, so it must agree
 (plan invariance).
 
