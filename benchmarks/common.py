@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-import queue as queue_module
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from runtime.spawn import spawn_ranks as spawn_ranks  # re-exported: the benchmarks spawn their ranks with it
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """The committed results: written only when asked for (``--out-dir benchmarks/results``)."""
@@ -101,31 +100,3 @@ def write_json(name: str, payload: dict, out_dir: Path = DEFAULT_OUT_DIR) -> Pat
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a file
     return path
-
-
-def spawn_ranks(world: int, worker: Callable, job: object, *, timeout_s: float = 3600.0) -> object:
-    """Run ``worker(rank, world, store_path, job, queue)`` on ``world`` spawned processes that
-    rendezvous through a file store (never a fixed port); return what rank 0 puts on the queue.
-    A rank that dies leaves the others waiting in a collective, so all are stopped then."""
-    spawn = mp.get_context("spawn")
-    out_queue = spawn.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [spawn.Process(target=worker, args=(r, world, store, job, out_queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline, result = time.monotonic() + timeout_s, None
-        while result is None:
-            try:
-                result = out_queue.get(timeout=5)
-            except queue_module.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    for p in procs:
-                        if p.is_alive():
-                            p.terminate()
-                    break
-        for p in procs:
-            p.join()
-    if result is None or any(p.exitcode for p in procs):
-        raise RuntimeError(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}")
-    return result

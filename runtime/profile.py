@@ -43,17 +43,15 @@ hooks, model states follow from the parameter count and the ZeRO stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import queue as queue_module
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from parallel import comm
@@ -63,6 +61,7 @@ from parallel.sp_context import SPContext
 from planner.cost import CostModel, is_power_of_two, zero_model_state_gb
 from runtime.config import Config
 from runtime.model import build_model, layer_kinds
+from runtime.spawn import spawn_ranks
 from runtime.step_profile import apply_step_fit, calibration_steps, measure_engine_steps
 
 __all__ = [
@@ -430,7 +429,8 @@ def _capacity(
     return {d: memory.token_capacity(d) for d in degrees}
 
 
-def _worker(rank, world_size, store, config: Config, lengths, repeats, capacity, out_queue):
+def _worker(rank, world_size, store, job, out_queue):
+    config, lengths, repeats, capacity = job
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -474,30 +474,10 @@ def profile_cost_model(
     if not lengths or any(s < world_size or s % world_size for s in lengths):
         raise ValueError(f"lengths must be multiples of the number of processes ({world_size}), got {lengths}")
     build_model(config.model, config.parallel, config.moe)  # config errors surface here, before any process starts
-    spawn = mp.get_context("spawn")
-    queue = spawn.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        capacity = None if memory is None else {d: memory.token_capacity(d) for d in _degrees(world_size)}
-        args = (world_size, os.path.join(tmp, "store"), config, sorted(lengths), repeats, capacity, queue)
-        procs = [spawn.Process(target=_worker, args=(r, *args)) for r in range(world_size)]
-        for p in procs:
-            p.start()
-        got = None
-        while got is None:  # read before joining: rank 0 cannot exit while its result fills the pipe
-            try:
-                got = queue.get(timeout=5)
-            except queue_module.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) or all(p.exitcode is not None for p in procs):
-                    break
-        if got is None:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()  # the others wait in a collective for the rank that died
-        for p in procs:
-            p.join()
-        if got is None or any(p.exitcode for p in procs):
-            raise RuntimeError(f"a profiling rank failed (exit codes {[p.exitcode for p in procs]}); see its output")
-        rows, bandwidth, act, budget, num_params, device, engine_steps, quad_sp_factor = got
+    capacity = None if memory is None else {d: memory.token_capacity(d) for d in _degrees(world_size)}
+    job = (config, sorted(lengths), repeats, capacity)
+    got = spawn_ranks(world_size, _worker, job, timeout_s=math.inf, what="profiling")
+    rows, bandwidth, act, budget, num_params, device, engine_steps, quad_sp_factor = got
     elem_bytes = 2 if device.startswith("cuda") else 4
     seq_comm, per_token, per_group = comm_volumes(config, elem_bytes)
     probe = CostModel(
