@@ -441,10 +441,8 @@ def summarise(rows: list[dict], plans_info: dict, warmup: int) -> dict:
                 **_error_stats(pairs),
                 "fit_measured_vs_predicted": _linear_fit([p for p, _ in pairs], [m for _, m in pairs]),
             }
-    out["cost_model_error"]["calibrated_cpu_time_vs_step_cpu"] = _cpu_error_stats(
-        [plans_info[r["policy"]][r["step"]] for r in measured], measured
-    )
     infos = [plans_info[r["policy"]][r["step"]] for r in measured]
+    out["cost_model_error"]["calibrated_cpu_time_vs_step_cpu"] = _cpu_error_stats(infos, measured)
     if all("bracketed_step_s" in i for i in infos):  # calibrated again after training
         for part, key in (("fwd_bwd_s", "bracketed_s"), ("step_s", "bracketed_step_s")):
             pairs = [(i[key], r[part]) for i, r in zip(infos, measured)]
