@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
+
+
+def _rank_main(worker: Callable, rank: int, world: int, store: str, job: object, out_queue) -> None:
+    """One rank: ``worker``, then its result flushed, then an exit that skips the interpreter's
+    finalisation. Torn down there, gloo's worker threads can still hold work whose tensors need
+    the GIL, and the rank dies of SIGABRT ("terminate called without an active exception") after
+    a correct run: seen in CI, in e2e.py's rank 0 after its last step. A worker that
+    raises keeps its traceback and a non-zero exit code."""
+    code = 0
+    try:
+        worker(rank, world, store, job, out_queue)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    out_queue.close()
+    out_queue.join_thread()  # rank 0's result is in the pipe before the process goes
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def spawn_ranks(
@@ -23,7 +46,7 @@ def spawn_ranks(
     out_queue = spawn.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [spawn.Process(target=worker, args=(r, world, store, job, out_queue)) for r in range(world)]
+        procs = [spawn.Process(target=_rank_main, args=(worker, r, world, store, job, out_queue)) for r in range(world)]
         for p in procs:
             p.start()
         deadline, result = time.monotonic() + timeout_s, None
